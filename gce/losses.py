@@ -1,0 +1,152 @@
+"""Training objectives over logits: cross-entropy, complement entropy (COT) and guided complement entropy (GCE).
+
+GCE: Chen et al., "Improving Adversarial Robustness via Guided Complement Entropy", ICCV 2019,
+https://arxiv.org/abs/1903.09799 (Eq. 2). COT: Chen et al., "Complement Objective Training", ICLR 2019,
+https://arxiv.org/abs/1903.01182.
+
+Every loss is a pure function ``loss(logits, target) -> scalar`` (or per-sample with ``reduction="none"``),
+computed in log space in float32 so that saturated logits (|z| up to 1e4) give finite values and gradients,
+also under bf16 autocast. The class count K comes from the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LOSSES",
+    "NORMALIZATIONS",
+    "complement_entropy",
+    "cross_entropy",
+    "get_loss",
+    "guided_complement_entropy",
+]
+
+NORMALIZATIONS = ("paper", "code")
+REDUCTIONS = ("mean", "sum", "none")
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor, min_classes: int, reduction: str) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (batch, classes); got {tuple(logits.shape)}")
+    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"target must have shape (batch,) = ({logits.shape[0]},) to match logits {tuple(logits.shape)}; "
+            f"got {tuple(target.shape)}"
+        )
+    if logits.shape[1] < min_classes:
+        raise ValueError(
+            f"this loss needs at least {min_classes} classes (logits.shape[1]); got {logits.shape[1]}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+
+
+def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Standard cross-entropy (the "XE" baseline of the paper), in float32 for the same numerics as GCE."""
+    _check(logits, target, 2, reduction)
+    return F.cross_entropy(logits.float(), target, reduction=reduction)
+
+
+def _complement_terms(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (log ŷ_g, Σ_{j≠g} q_j log q_j) per sample, with q_j = ŷ_j / (1 − ŷ_g).
+
+    q is the softmax over the non-target logits, so log q comes from log_softmax with the target masked out:
+    no division by 1 − ŷ_g and no log(0) in the graph. The masked entry is replaced by 0 *before* it is
+    multiplied, because a NaN in the unused branch of ``where`` would still poison the gradient.
+    """
+    z = logits.float()
+    is_target = F.one_hot(target, z.shape[1]).bool()
+    log_y_g = F.log_softmax(z, dim=1).gather(1, target[:, None]).squeeze(1)
+    log_q = F.log_softmax(z.masked_fill(is_target, float("-inf")), dim=1)
+    log_q = log_q.masked_fill(is_target, 0.0)
+    neg_entropy = (log_q.exp() * log_q).sum(dim=1)
+    return log_y_g, neg_entropy
+
+
+def _normalizer(num_classes: int, normalization: str) -> float:
+    if normalization == "paper":
+        return math.log(num_classes - 1)
+    if normalization == "code":
+        return math.log(num_classes)
+    raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+
+
+def complement_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    normalization: str = "paper",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Negated, normalised complement entropy (COT's complement objective), to be minimised.
+
+    With ``normalization="paper"`` the value lies in [-1, 0]: -1 when the incorrect classes are exactly flat.
+    In COT it alternates with a cross-entropy step (see ``gce.train``); on its own it does not raise ŷ_g.
+    """
+    _check(logits, target, 3, reduction)
+    _, neg_entropy = _complement_terms(logits, target)
+    return _reduce(neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
+
+
+def guided_complement_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    alpha: float = 1 / 3,
+    normalization: str = "paper",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """GCE (Eq. 2): ŷ_g^α · (1/log(K−1)) · Σ_{j≠g} q_j log q_j, averaged over the batch; minimised.
+
+    ``normalization="code"`` divides by log K as the authors' released code does. The guiding factor
+    ŷ_g^α = exp(α log ŷ_g) is differentiated through, as in the authors' code: that is what raises ŷ_g.
+    """
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
+    _check(logits, target, 3, reduction)
+    log_y_g, neg_entropy = _complement_terms(logits, target)
+    guide = torch.exp(alpha * log_y_g)
+    return _reduce(guide * neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
+
+
+#: Loss name -> function(logits, target, **kwargs). COT's "loss" is the complement step of its alternation.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ce": cross_entropy,
+    "cot": complement_entropy,
+    "gce": guided_complement_entropy,
+}
+
+
+def get_loss(name: str, alpha: float | None = None, normalization: str = "paper") -> LossFn:
+    """Look a loss up by name and bind its options; an unknown name lists the known ones.
+
+    ``alpha`` is only meaningful for GCE: passing it for another loss is an error rather than silently ignored,
+    so that an ablation never records an α that had no effect.
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+    if name == "gce":
+        return partial(
+            guided_complement_entropy, alpha=1 / 3 if alpha is None else alpha, normalization=normalization
+        )
+    if alpha is not None:
+        raise ValueError(f"alpha applies only to loss 'gce'; got alpha={alpha!r} for loss {name!r}")
+    if name == "cot":
+        return partial(complement_entropy, normalization=normalization)
+    return cross_entropy
