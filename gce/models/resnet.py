@@ -1,0 +1,119 @@
+"""CIFAR ResNets (ResNet-20/32/56): the GCE paper's CIFAR-10/100 and Tiny ImageNet architecture is ResNet-56.
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016, https://arxiv.org/abs/1512.03385,
+§4.2: a 3x3 stem of 16 channels, then 3 stages of n basic blocks with 16/32/64 channels (depth = 6n + 2),
+global average pooling and a linear head. Shortcuts are option A (identity, subsampled and zero-padded
+where the shape changes), which adds no parameters: 0.27M / 0.46M / 0.85M for depth 20 / 32 / 56.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gce.models.base import Classifier
+
+__all__ = ["CifarResNet", "resnet20", "resnet32", "resnet56"]
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: take every other pixel and zero-pad the new channels (parameter-free)."""
+
+    def __init__(self, extra_channels: int):
+        super().__init__()
+        self.extra_channels = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.extra_channels // 2
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 → BN → ReLU → conv3x3 → BN, added to the shortcut, then ReLU (post-activation)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        changes_shape = stride != 1 or in_planes != planes
+        self.shortcut = PadShortcut(planes - in_planes) if changes_shape else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(Classifier):
+    """ResNet-(6n+2) for small images; features are the 64-d globally pooled activations."""
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        num_classes: int,
+        depth: int = 20,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        super().__init__(input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...); got {depth!r}")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers: list[nn.Module] = []
+        in_planes = 16
+        for stage, planes in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+
+def resnet20(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> CifarResNet:
+    """ResNet-20 (n = 3), ≈0.27M parameters for 10 classes."""
+    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=20, mean=mean, std=std)
+
+
+def resnet32(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> CifarResNet:
+    """ResNet-32 (n = 5), ≈0.46M parameters for 10 classes."""
+    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=32, mean=mean, std=std)
+
+
+def resnet56(
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> CifarResNet:
+    """ResNet-56 (n = 9), ≈0.85M parameters for 10 classes: the GCE paper's CIFAR model."""
+    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=56, mean=mean, std=std)
