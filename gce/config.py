@@ -1,0 +1,244 @@
+"""The training configuration: one dataclass per component, validated on construction.
+
+The whole config is captured once and stored with every checkpoint and tracked run. It flows one way:
+nested dict (from a YAML spec) -> these objects -> a flat ``{"optim.lr": ...}`` dict at the edges (Tune's
+param space, MLflow params) -> back to objects inside a trial. gce imports neither pydantic nor yaml: the
+sweep spec (sweeps/) validates its own layer and builds these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gce.attacks import AttackConfig
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("none", "step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value outside its allowed set; the message names the field."""
+
+
+def _require(ok: bool, field_name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: must be {allowed}; got {value!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mnist5k"
+    root: str | None = None
+    download: bool = False
+    val_size: float = 0.1
+    limit: int | None = None  # cap on training examples (smoke runs)
+    augment: str | None = None  # None -> the dataset's default
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        from gce.data import DATASETS
+
+        _require(self.dataset in DATASETS, "data.dataset", f"one of {sorted(DATASETS)}", self.dataset)
+        _require(_number(self.val_size) and self.val_size > 0, "data.val_size", "a fraction in (0, 1) or a count >= 1",
+                 self.val_size)
+        _require(self.limit is None or _positive_int(self.limit), "data.limit", "null or an integer >= 1", self.limit)
+        _require(_positive_int(self.eval_batch_size), "data.eval_batch_size", "an integer >= 1",
+                 self.eval_batch_size)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from gce.models import MODELS
+
+        _require(self.name in MODELS, "model.name", f"one of {sorted(MODELS)}", self.name)
+
+
+@dataclass
+class LossConfig:
+    name: str = "gce"
+    alpha: float | None = None  # GCE only; None -> 1/3 (the paper's default)
+    normalization: str = "paper"  # "paper": 1/log(K-1); "code": 1/log K as in the authors' code
+
+    def __post_init__(self) -> None:
+        from gce.losses import LOSSES, NORMALIZATIONS
+
+        _require(self.name in LOSSES, "loss.name", f"one of {sorted(LOSSES)}", self.name)
+        _require(self.normalization in NORMALIZATIONS, "loss.normalization", f"one of {list(NORMALIZATIONS)}",
+                 self.normalization)
+        if self.name == "gce":
+            if self.alpha is None:
+                self.alpha = 1 / 3
+            _require(_number(self.alpha) and self.alpha >= 0, "loss.alpha", "a finite number >= 0", self.alpha)
+        else:
+            _require(self.alpha is None, "loss.alpha", f"null for loss {self.name!r} (α applies only to 'gce')",
+                     self.alpha)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.99)  # adam/adamw; the authors' (0.9, 0.99)
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        _require(self.name in OPTIMIZERS, "optim.name", f"one of {list(OPTIMIZERS)}", self.name)
+        _require(_number(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
+        _require(_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _require(len(self.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
+                 "two numbers in [0, 1)", self.betas)
+        _require(_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+                 self.weight_decay)
+        _require(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
+                 "true only with optim.name 'sgd' and momentum > 0", self.nesterov)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "none"
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.name in SCHEDULES, "schedule.name", f"one of {list(SCHEDULES)}", self.name)
+        _require(_positive_int(self.step_size), "schedule.step_size", "an integer >= 1", self.step_size)
+        _require(_number(self.gamma) and 0 < self.gamma <= 1, "schedule.gamma", "in (0, 1]", self.gamma)
+        _require(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "schedule.warmup_epochs",
+                 "an integer >= 0", self.warmup_epochs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``gce.train.fit`` needs; the defaults are the paper's MNIST setup (authors' code)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    epochs: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None: on CUDA only
+    compile: bool = False
+    max_batches: int | None = None  # per epoch (smoke runs)
+    adversarial: AttackConfig | None = None  # PGD adversarial training (Madry et al. 2018) when set
+
+    _SECTIONS = ("data", "model", "loss", "optim", "schedule")
+
+    def __post_init__(self) -> None:
+        _require(_positive_int(self.epochs), "train.epochs", "an integer >= 1", self.epochs)
+        _require(_positive_int(self.batch_size), "train.batch_size", "an integer >= 1", self.batch_size)
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "train.seed", "an integer",
+                 self.seed)
+        _require(self.device in DEVICES or str(self.device).startswith("cuda:"), "train.device",
+                 f"one of {list(DEVICES)} or 'cuda:N'", self.device)
+        _require(self.precision in PRECISIONS, "train.precision", f"one of {list(PRECISIONS)}", self.precision)
+        _require(self.max_batches is None or _positive_int(self.max_batches), "train.max_batches",
+                 "null or an integer >= 1", self.max_batches)
+        if isinstance(self.adversarial, dict):
+            from gce.attacks import AttackConfig
+
+            self.adversarial = AttackConfig(**self.adversarial)
+
+    # --- conversions -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-Python dict (JSON/YAML-safe; stored in checkpoints)."""
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Build from a nested dict; unknown keys are errors that name the key and the known ones."""
+        d = dict(d)
+        sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+                    "schedule": ScheduleConfig}
+        kwargs: dict[str, Any] = {}
+        for name, klass in sections.items():
+            if name in d:
+                sub = d.pop(name) or {}
+                _require(isinstance(sub, dict), name, "a mapping", sub)
+                kwargs[name] = klass(**_known(klass, sub, name))
+        top = _known(cls, d, "train")
+        return cls(**kwargs, **top)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``{"section.key": value}`` with scalars only: Tune's param space and MLflow params."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            prefix = key if key in self._SECTIONS else "train"
+            if isinstance(value, dict) and key != "adversarial":
+                for k, v in value.items():
+                    _flatten(flat, f"{prefix}.{k}", v)
+            elif key == "adversarial":
+                if value is None:
+                    flat["adversarial"] = None
+                else:
+                    _flatten(flat, "adversarial", value)
+            else:
+                flat[f"train.{key}"] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> TrainConfig:
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            parts = key.split(".")
+            if parts[0] == "train":
+                parts = parts[1:]
+            node = nested
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return cls.from_dict(nested)
+
+
+def _flatten(out: dict[str, Any], prefix: str, value: Any) -> None:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(out, f"{prefix}.{k}", v)
+    else:
+        out[prefix] = list(value) if isinstance(value, tuple) else value
+
+
+def _known(klass: type, d: dict[str, Any], section: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(klass) if not f.name.startswith("_")}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    return d

@@ -1,0 +1,292 @@
+"""``fit(config, callbacks)``: one training run, shared by scripts, the CLI and Ray trials.
+
+Standard training with CE or GCE (used alone, as in the paper); COT alternates a CE step and a complement
+step on every batch (Chen et al., ICLR 2019, https://arxiv.org/abs/1903.01182); PGD adversarial training
+(Madry et al. 2018, https://arxiv.org/abs/1706.06083) when ``config.adversarial`` is set: the chosen loss is
+then minimised on the adversarial examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gce.config import TrainConfig
+from gce.data import DataBundle, DeviceLoader, load_dataset
+from gce.losses import complement_entropy, cross_entropy, get_loss
+from gce.models import build_model
+
+__all__ = ["EpochEnd", "FitResult", "Trainer", "fit", "load_checkpoint", "objective", "resolve_device"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the run cannot recover (lower the learning rate)."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU: code never assumes CUDA."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {spec!r} was asked for but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def objective(config: TrainConfig) -> Callable[..., torch.Tensor]:
+    """The loss the model is trained to minimise, as one function (for validation and 'train'-loss attacks).
+
+    For COT that is CE + complement entropy: the two terms its alternating steps minimise.
+    """
+    loss = config.loss
+    if loss.name == "cot":
+        def cot(logits, target, reduction="mean"):
+            return cross_entropy(logits, target, reduction=reduction) + complement_entropy(
+                logits, target, normalization=loss.normalization, reduction=reduction)
+        return cot
+    return get_loss(loss.name, alpha=loss.alpha, normalization=loss.normalization)
+
+
+@dataclass
+class EpochEnd:
+    """What a callback sees after each epoch. Returning True from a callback stops training early."""
+
+    epoch: int  # epochs completed, 1-based
+    metrics: dict[str, float]
+    trainer: Trainer
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    config: TrainConfig
+    data: DataBundle
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    trainer: Trainer | None = None
+
+
+class Trainer:
+    """Holds the model, optimiser, schedule and loaders of one run so it can be checkpointed and resumed."""
+
+    def __init__(self, config: TrainConfig, data: DataBundle | None = None):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.data = data if data is not None else load_dataset(
+            config.data.dataset, config.data.root, download=config.data.download,
+            val_size=config.data.val_size, seed=config.seed, limit=config.data.limit)
+        info = self.data.info
+        torch.manual_seed(config.seed)  # model initialisation is part of the seed
+        self.model = build_model(config.model.name, input_shape=info.input_shape, num_classes=info.num_classes,
+                                 mean=info.mean, std=info.std, **config.model.kwargs).to(self.device)
+        cuda = self.device.type == "cuda"
+        self.channels_last = cuda if config.channels_last is None else config.channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = torch.bfloat16 if config.precision == "bf16" or (config.precision == "auto" and cuda) \
+            else None
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = _optimizer(config, self.model.parameters())
+        self.scheduler = _scheduler(config, self.optimizer)
+        augment = config.data.augment or info.augment
+        self.train_loader = DeviceLoader(self.data.train, config.batch_size, shuffle=True, augment=augment,
+                                         seed=config.seed, device=self.device, drop_last=False,
+                                         max_batches=config.max_batches)
+        self.val_loader = DeviceLoader(self.data.val, config.data.eval_batch_size, device=self.device)
+        self.loss_fn = objective(config)
+        self.complement_fn = partial(complement_entropy, normalization=config.loss.normalization)
+        self.attack = None
+        if config.adversarial is not None:
+            from gce.attacks import build_attack
+
+            self.attack = build_attack(config.adversarial, train_loss=self.loss_fn)
+        self.epoch = 0
+
+    # --- one epoch -----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _step(self, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
+              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            logits = self.forward(x)
+        loss = loss_fn(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach(), loss.detach()
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg = self.config
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        # Accumulate on the device: one host sync per epoch, not one per step.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for x, y in self.train_loader:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.attack is not None:
+                x = self.attack(self.model, x, y)
+                self.model.train()
+            if cfg.loss.name == "cot":
+                logits, ce = self._step(cross_entropy, x, y)
+                _, comp = self._step(self.complement_fn, x, y)
+                loss = ce + comp
+            else:
+                logits, loss = self._step(self.loss_fn, x, y)
+            loss_sum += loss * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.shape[0]
+        sync()
+        elapsed = time.perf_counter() - start
+        train_loss = loss_sum.item() / max(seen, 1)
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"train/loss is {train_loss} at epoch {self.epoch + 1} "
+                                   f"(optim.lr={cfg.optim.lr}): training diverged")
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch += 1
+        return {"train/loss": train_loss, "train/acc": correct.item() / max(seen, 1),
+                "train/images_per_s": seen / elapsed, "train/epoch_time_s": elapsed, "train/lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DeviceLoader | None = None, prefix: str = "val") -> dict[str, float]:
+        """Clean loss and accuracy on a split (validation by default) in eval mode."""
+        loader = loader or self.val_loader
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        for x, y in loader:
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = self.forward(x)
+            loss_sum += self.loss_fn(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.shape[0]
+        self.model.train(was_training)
+        return {f"{prefix}/loss": loss_sum.item() / max(seen, 1), f"{prefix}/clean_acc": correct.item() / max(seen, 1)}
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """State dicts and the config only, never a pickled module: loadable with weights_only=True."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a killed process never leaves a half-written checkpoint
+        return path
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.epoch = int(state["epoch"])
+
+
+def fit(config: TrainConfig, callbacks: Sequence[Callable[[EpochEnd], bool | None]] = (), *,
+        data: DataBundle | None = None, resume_from: str | Path | None = None) -> FitResult:
+    """Train ``config.epochs`` epochs (continuing from a checkpoint if given), calling each callback per epoch.
+
+    Metrics per epoch: train/loss, train/acc, train/images_per_s, val/loss, val/clean_acc (+ epoch).
+    Diverging training raises ``TrainingDiverged`` rather than logging NaNs for the rest of the run.
+    """
+    trainer = Trainer(config, data)
+    if resume_from is not None:
+        trainer.load_state_dict(_load(resume_from, trainer.device))
+    result = FitResult(trainer.model, config, trainer.data, trainer=trainer)
+    while trainer.epoch < config.epochs:
+        metrics = trainer.train_epoch()
+        metrics.update(trainer.evaluate())
+        metrics["epoch"] = trainer.epoch
+        result.history.append(metrics)
+        stop = False
+        for cb in callbacks:
+            stop = bool(cb(EpochEnd(trainer.epoch, metrics, trainer))) or stop
+        if stop:
+            result.stopped_early = True
+            break
+    return result
+
+
+def _load(path: str | Path, device: torch.device | None = None) -> dict[str, Any]:
+    state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a gce-sweeps checkpoint (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
+    """Rebuild the model from a checkpoint's config and state dict (for evaluation and reports)."""
+    state = _load(path, torch.device(device))
+    config = TrainConfig.from_dict(state["config"])
+    from gce.data import DATASETS
+
+    info = DATASETS[config.data.dataset].info
+    model = build_model(config.model.name, input_shape=info.input_shape, num_classes=info.num_classes,
+                        mean=info.mean, std=info.std, **config.model.kwargs)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
+
+
+def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    klass = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return klass(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    """Per-epoch LR schedule with optional linear warm-up; None for a constant rate."""
+    s = config.schedule
+    if s.name == "none" and s.warmup_epochs == 0:
+        return None
+    epochs = config.epochs
+
+    def factor(epoch: int) -> float:
+        if epoch < s.warmup_epochs:
+            return (epoch + 1) / (s.warmup_epochs + 1)
+        if s.name == "step":
+            return s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+        if s.name == "cosine":
+            span = max(epochs - s.warmup_epochs, 1)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna sweeps from YAML specs, and the gce-sweep command line."""

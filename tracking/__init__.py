@@ -1,0 +1,1 @@
+"""MLflow tracking: the server (embedded default and docker stack), run logging and queries."""
