@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-SUBMODULES = ["gce", "gce.losses", "gce.models", "gce.data", "gce.config", "gce.train"]
+SUBMODULES = ["gce", "gce.losses", "gce.models", "gce.data", "gce.config", "gce.train", "gce.attacks"]
 
 
 def test_importing_gce_pulls_in_neither_ray_nor_mlflow():
