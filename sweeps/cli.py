@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from sweeps.cli_tracking import register as register_tracking_commands
+
 app = typer.Typer(
     help="gce-sweeps: adversarial-robustness sweeps (CE / COT / GCE) tracked in MLflow.",
     no_args_is_help=True,
@@ -77,6 +79,7 @@ def _train(config, checkpoint: Path | None) -> None:
     if checkpoint is not None:
         console.print(f"checkpoint: {trainer.save_checkpoint(checkpoint)}")
 
+register_tracking_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,155 @@
+"""``gce-sweep ui | server | best | compare``: the tracking server and queries on it.
+
+Lives in sweeps/ because the CLI does, but imports only tracking/ (and that lazily, inside the commands), so
+``gce-sweep --help`` stays fast and these commands never start Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DirOption = Annotated[Path | None, typer.Option("--dir", help="Embedded server folder "
+                                                "(default $GCE_TRACKING_DIR or ./.gce-sweeps/mlflow).")]
+UriOption = Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+                                               help="MLflow server; default: the embedded one (started if needed).")]
+MetricOption = Annotated[str, typer.Option(help="Rank by the final value of this (validation) metric.")]
+ModeOption = Annotated[str, typer.Option(help="max or min.")]
+FilterOption = Annotated[str, typer.Option("--filter",
+                                           help="MLflow search filter, e.g. \"params.`loss.name` = 'gce'\".")]
+FormatOption = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+
+server_app = typer.Typer(help="The embedded MLflow server (SQLite + artifacts in a local folder).",
+                         no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the tracking commands to the ``gce-sweep`` app."""
+    app.command()(ui)
+    app.command()(best)
+    app.command()(compare)
+    app.add_typer(server_app, name="server")
+
+
+def ui(directory: DirOption = None, port: Annotated[int, typer.Option(help="Preferred port.")] = 5000) -> None:
+    """Print the MLflow UI's URL: $MLFLOW_TRACKING_URI if set, else the embedded server (started if needed)."""
+    import os
+
+    from tracking.connection import check_server
+    from tracking.server import ensure_server
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    with _errors():
+        if uri:
+            check_server(uri)
+            typer.echo(f"MLflow UI: {uri} (from MLFLOW_TRACKING_URI)")
+            return
+        info = ensure_server(directory, port=port)
+    state = "running" if info.reused else "started"
+    typer.echo(f"MLflow UI: {info.url} ({state}, pid {info.pid}, data in {info.root})")
+    typer.echo(f"export MLFLOW_TRACKING_URI={info.url}   # to log or query from other shells")
+
+
+@server_app.command("start")
+def server_start(directory: DirOption = None, port: Annotated[int, typer.Option()] = 5000) -> None:
+    """Start the embedded server (or find the one running for this folder)."""
+    ui(directory, port)
+
+
+@server_app.command("stop")
+def server_stop(directory: DirOption = None) -> None:
+    """Stop the embedded server of this folder; its data stays."""
+    from tracking.server import stop_server
+
+    typer.echo("stopped" if stop_server(directory) else "no embedded server is running for this folder")
+
+
+@server_app.command("status")
+def server_status(directory: DirOption = None) -> None:
+    """Say whether the embedded server of this folder runs (exit code 1 if not)."""
+    from tracking.server import running_server
+
+    info = running_server(directory)
+    typer.echo(f"running: {info.url} (pid {info.pid}, data in {info.root})" if info else "not running")
+    raise typer.Exit(0 if info else 1)
+
+
+def best(experiment: Annotated[str, typer.Argument(help="Experiment (study) name.")],
+         metric: MetricOption = "val/robust_acc/worst_case", mode: ModeOption = "max",
+         top: Annotated[int, typer.Option(min=1)] = 10, filter_string: FilterOption = "",
+         fmt: FormatOption = "table", tracking_uri: UriOption = None) -> None:
+    """The best finished trials by the final value of a validation metric, with its test twin beside it."""
+    from tracking.queries import best_runs, held_out_metric
+    from tracking.tables import best_records, render
+
+    _check(metric, mode, fmt)
+    with _errors():
+        runs = best_runs(_client(tracking_uri), experiment, metric, mode, top, filter_string)
+    title = f"{experiment}: top {len(runs)} by {metric} ({mode})" + (
+        f", {held_out_metric(metric)} beside" if held_out_metric(metric) else "")
+    _show(render(best_records(runs, metric), fmt, title))
+
+
+def compare(experiment: Annotated[str, typer.Argument(help="Experiment (study) name.")],
+            metric: MetricOption = "val/robust_acc/worst_case", mode: ModeOption = "max",
+            filter_string: FilterOption = "",
+            ignore_param: Annotated[list[str] | None, typer.Option(help="Also average over this param.")] = None,
+            fmt: FormatOption = "table", tracking_uri: UriOption = None) -> None:
+    """One row per configuration (all params but the seed): mean ± std over seeds and n, best first."""
+    from tracking.queries import compare_runs
+    from tracking.tables import compare_records, render
+
+    _check(metric, mode, fmt)
+    with _errors():
+        groups = compare_runs(_client(tracking_uri), experiment, metric, mode, filter_string, ignore_param or ())
+    _show(render(compare_records(groups, metric), fmt, f"{experiment}: {len(groups)} configurations by {metric}"))
+
+
+def _client(tracking_uri: str | None):
+    from tracking.connection import check_server, resolve_tracking_uri
+    from tracking.queries import client_for
+
+    if tracking_uri:
+        check_server(tracking_uri)
+        return client_for(tracking_uri)
+    return client_for(resolve_tracking_uri())
+
+
+def _check(metric: str, mode: str, fmt: str) -> None:
+    from tracking.tables import FORMATS
+
+    if mode not in ("max", "min"):
+        raise typer.BadParameter(f"--mode must be max or min, got {mode!r}")
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if metric.startswith("test/"):
+        typer.echo(f"warning: selecting on {metric} uses the test set to choose; select on val/ metrics", err=True)
+
+
+def _show(result) -> None:
+    if isinstance(result, str):
+        typer.echo(result, nl=not result.endswith("\n"))
+        return
+    import sys
+
+    from rich.console import Console
+
+    # Piped output (a file, a pager, a test) gets the whole table rather than columns cut to 80 characters.
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(result)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Tracking failures (unreachable server, unknown experiment, bad filter) as one line and exit code 1."""
+    from tracking.connection import TrackingUnavailable
+    from tracking.queries import QueryError
+
+    try:
+        yield
+    except (TrackingUnavailable, QueryError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err

@@ -1,0 +1,150 @@
+"""The embedded server's lifecycle and the bad-input paths: port taken, unreachable URI, wrong credentials."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sweeps.cli import app
+from tracking.connection import (
+    TrackingAuthError,
+    TrackingUnavailable,
+    check_server,
+    free_port,
+    http_status,
+    resolve_tracking_uri,
+)
+from tracking.server import (
+    SERVER_ENV,
+    default_root,
+    ensure_server,
+    mlflow_executable,
+    server_command,
+    stop_server,
+    wait_healthy,
+)
+
+runner = CliRunner()
+
+
+def group_size(pgid: int) -> int:
+    """Processes in a process group (the server runs in its own session)."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            count += fields[0] != "Z" and int(fields[2]) == pgid
+    return count
+
+
+def test_embedded_server_takes_another_port_then_is_reused_and_stopped(fast_tmp, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = fast_tmp / "lifecycle"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        info = ensure_server(root, port=busy)
+        assert info.port != busy and not info.reused
+        assert http_status(f"{info.url}/health") == 200
+        assert (root / "mlflow.db").exists() and (root / "artifacts").is_dir()
+        assert group_size(info.pid) <= 2, "lean server: the CLI and one uvicorn worker, no job consumers"
+
+        again = ensure_server(root, port=busy)
+        assert again.reused and (again.pid, again.url) == (info.pid, info.url)
+        shown = runner.invoke(app, ["ui", "--dir", str(root)])
+        assert shown.exit_code == 0 and info.url in shown.output and "running" in shown.output
+        assert runner.invoke(app, ["server", "status", "--dir", str(root)]).exit_code == 0
+
+    stopped = runner.invoke(app, ["server", "stop", "--dir", str(root)])
+    assert stopped.exit_code == 0 and "stopped" in stopped.output
+    assert http_status(f"{info.url}/health") is None and group_size(info.pid) == 0
+    assert runner.invoke(app, ["server", "status", "--dir", str(root)]).exit_code == 1
+    assert stop_server(root) is False
+
+
+def test_default_root_is_project_local_or_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("GCE_TRACKING_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_root() == tmp_path.resolve() / ".gce-sweeps" / "mlflow"
+    monkeypatch.setenv("GCE_TRACKING_DIR", str(tmp_path / "elsewhere"))
+    assert default_root() == (tmp_path / "elsewhere").resolve()
+
+
+def test_resolve_uses_the_configured_server_else_the_embedded_one(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    assert resolve_tracking_uri() == mlflow_server.url
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("GCE_TRACKING_DIR", mlflow_server.root)
+    assert resolve_tracking_uri() == mlflow_server.url  # found running, not started again
+
+
+def test_an_unreachable_uri_fails_fast_and_names_it(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=uri):
+        resolve_tracking_uri()
+    assert time.monotonic() - start < 15
+    result = runner.invoke(app, ["best", "some-study"])
+    assert result.exit_code == 1 and uri in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def auth_server(fast_tmp):
+    """The auth profile's server (same command plus --app-name basic-auth) on SQLite."""
+    root = fast_tmp / "auth"
+    root.mkdir()
+    (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
+                                   "admin_username = admin\n")
+    port = free_port()
+    argv = server_command(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), port=port, app_name="basic-auth",
+                          executable=mlflow_executable())
+    env = {**os.environ, **SERVER_ENV, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-123"}
+    with (root / "server.log").open("wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 120, proc, root / "server.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(20)
+
+
+def test_wrong_or_missing_credentials_are_a_clear_auth_error(auth_server, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with pytest.raises(TrackingAuthError, match="no credentials"):
+        check_server(auth_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    with pytest.raises(TrackingAuthError, match=f"{auth_server}.*'admin'.*401"):
+        check_server(auth_server)
+    result = runner.invoke(app, ["best", "x", "--tracking-uri", auth_server])
+    assert result.exit_code == 1 and "rejected the login" in result.output
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-123")
+    check_server(auth_server)
+
+
+def test_tracking_imports_neither_ray_nor_torch_and_the_cli_no_mlflow():
+    modules = ["tracking.server", "tracking.connection", "tracking.logger", "tracking.plots", "tracking.queries",
+               "tracking.tables"]
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'torch', 'gce', 'sweeps'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    code = "import sys, sweeps.cli, tracking.server; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "the CLI and the server helpers must not pay for importing mlflow"

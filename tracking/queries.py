@@ -1,0 +1,140 @@
+"""Best runs and seed-averaged comparisons of a study's trial runs.
+
+"Best" ranks by the **final** (last logged) value of a metric, which is what MLflow's ``order_by`` sorts on
+and what the server can rank without reading every metric history. That is the intended meaning here:
+``val/robust_acc/*`` and other end-of-trial metrics are logged once, and a per-epoch metric's final value is
+the model that was kept. Selection is on a validation metric; its ``test/`` twin is shown beside it, never
+used to choose. Only FINISHED trial runs count (a running trial's last value is not final).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
+
+from tracking.connection import configure_client
+from tracking.logger import ROLE_TAG, TRIAL_TAG, metric_key
+
+DEFAULT_METRIC = "val/robust_acc/worst_case"
+SEED_PARAM = re.compile(r"(^|[./_])seed$")  # "seed", "train.seed", "data.split_seed"…: what compare averages over
+
+
+class QueryError(LookupError):
+    """An unknown experiment or a filter the server rejects."""
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float  # sample standard deviation (n-1); NaN when n < 2
+    n: int
+
+
+@dataclass
+class Group:
+    """Trial runs that share every parameter except the seed: one configuration, several seeds."""
+
+    params: dict[str, str]
+    runs: list = field(default_factory=list)
+
+    def stat(self, metric: str) -> Stat:
+        values = [r.data.metrics[metric] for r in self.runs if _finite(r.data.metrics.get(metric))]
+        if not values:
+            return Stat(math.nan, math.nan, 0)
+        std = statistics.stdev(values) if len(values) > 1 else math.nan
+        return Stat(statistics.fmean(values), std, len(values))
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    configure_client()
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``; a QueryError listing the experiments that exist otherwise."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        known = sorted(e.name for e in client.search_experiments(max_results=200))
+        raise QueryError(f"no experiment {name!r} on the tracking server; known: {', '.join(known) or 'none'}")
+    return experiment.experiment_id
+
+
+def held_out_metric(metric: str) -> str | None:
+    """The held-out counterpart shown beside a validation metric: val/x → test/x."""
+    return "test/" + metric[4:] if metric.startswith("val/") else None
+
+
+def best_runs(client: MlflowClient, experiment: str, metric: str = DEFAULT_METRIC, mode: str = "max", top: int = 10,
+              filter_string: str = "") -> list:
+    """The ``top`` finished trial runs by the final value of ``metric`` (``mode`` max or min), best first.
+    ``filter_string`` is MLflow's search syntax, e.g. ``params.`loss.name` = 'gce'``; runs without the
+    metric are left out."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be max or min, got {mode!r}")
+    metric = metric_key(metric)
+    order = [f"metrics.`{metric}` {'DESC' if mode == 'max' else 'ASC'}", "attributes.start_time ASC"]
+    chosen: list = []
+    for run in _trial_runs(client, experiment_id(client, experiment), filter_string, order, page=max(top, 50)):
+        if not _finite(run.data.metrics.get(metric)):
+            break  # the server sorts runs without the metric (or NaN) last
+        chosen.append(run)
+        if len(chosen) == top:
+            break
+    return chosen
+
+
+def compare_runs(client: MlflowClient, experiment: str, metric: str = DEFAULT_METRIC, mode: str = "max",
+                 filter_string: str = "", ignore: Iterable[str] = ()) -> list[Group]:
+    """Finished trial runs grouped by configuration (all params but seeds and ``ignore``), best mean first."""
+    ignore, metric = set(ignore), metric_key(metric)
+    groups: dict[tuple, Group] = {}
+    for run in _trial_runs(client, experiment_id(client, experiment), filter_string, None):
+        params = {k: v for k, v in run.data.params.items() if not SEED_PARAM.search(k) and k not in ignore}
+        key = tuple(sorted(params.items()))
+        groups.setdefault(key, Group(params)).runs.append(run)
+    sign = -1.0 if mode == "max" else 1.0
+
+    def rank(group: Group) -> tuple:
+        mean = group.stat(metric).mean
+        return (math.isnan(mean), sign * mean if not math.isnan(mean) else 0.0)
+
+    return sorted(groups.values(), key=rank)
+
+
+def varying_params(param_sets: Iterable[dict[str, str]]) -> list[str]:
+    """Parameter names whose value differs between the given runs or groups (the ones worth a column)."""
+    param_sets = list(param_sets)
+    keys = sorted({k for p in param_sets for k in p})
+    return [k for k in keys if len({p.get(k) for p in param_sets}) > 1]
+
+
+def _trial_runs(client: MlflowClient, exp_id: str, filter_string: str, order_by: list[str] | None,
+                page: int = 1000):
+    """Finished runs of the experiment that are trials (or carry no role tag: runs logged by other tools)."""
+    where = " AND ".join(c for c in ("attributes.status = 'FINISHED'", filter_string.strip()) if c)
+    token = None
+    while True:
+        try:
+            runs = client.search_runs([exp_id], where, ViewType.ACTIVE_ONLY, max_results=page, order_by=order_by,
+                                      page_token=token)
+        except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise QueryError(f"the server rejected the search {where!r}: {err.message}") from err
+        for run in runs:
+            if run.data.tags.get(ROLE_TAG, "trial") == "trial" or TRIAL_TAG in run.data.tags:
+                yield run
+        token = runs.token
+        if not token:
+            return
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
