@@ -1,0 +1,382 @@
+"""Clean and per-example worst-case robust accuracy over a list of attacks, and the latent-cluster metrics.
+
+Worst-case accounting follows AutoAttack (Croce & Hein 2020, https://arxiv.org/abs/2003.01690): a point is
+robust at a threat model (norm, ε) only if it is classified correctly and *no* attack at that (norm, ε) fools
+it. ``standalone=True`` runs every attack on every clean-correct point (each attack's number is its own);
+``standalone=False`` is AutoAttack's chain, where each attack only runs on points no earlier attack fooled -
+cheaper, the same worst case, but each attack's number is then cumulative. Only one batch of adversarial
+images exists at a time; what is kept per example is a boolean flag.
+
+The GCE paper (Chen et al. 2019, https://arxiv.org/abs/1903.09799) argues that GCE tightens class clusters
+in the penultimate layer: ``latent_clusters`` measures that (silhouette, inter/intra-class distance ratio)
+and gives a 2-D PCA embedding for a plot. Everything here is plain torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gce.attacks import ATTACKS, AttackConfig, LossFn, build_attack, eval_mode
+from gce.data import Split
+
+__all__ = ["ClusterMetrics", "Embedding", "RobustnessCurve", "RobustnessResult", "batches", "class_separation",
+           "confusion_matrix", "evaluate_robustness", "expand_eps", "format_eps", "latent_clusters", "model_device",
+           "norm_of", "pca_embedding", "penultimate_features", "predict", "silhouette_score"]
+
+ThreatModel = tuple[str, float]  # (norm, eps)
+
+
+def format_eps(eps: float) -> str:
+    """A stable metric-key form of ε: at most 6 decimals, no float noise ("0.3", "0.031373", "2", "inf")."""
+    if math.isinf(eps):
+        return "inf"
+    text = f"{eps:.6f}".rstrip("0").rstrip(".")
+    return text if text != "0" or eps == 0 else f"{eps:.3g}"
+
+
+def expand_eps(config: AttackConfig, eps: Sequence[float]) -> list[AttackConfig]:
+    """One copy of ``config`` per ε (an attack's robustness curve); ValueError on an empty list."""
+    if isinstance(eps, (int, float)) or len(eps) == 0:
+        raise ValueError(f"eps must be a non-empty list of radii; got {eps!r}")
+    return [dataclasses.replace(config, eps=float(e)) for e in eps]
+
+
+def norm_of(config: AttackConfig) -> str:
+    """The norm an attack config runs in (its own, or the attack's default)."""
+    return config.norm or ATTACKS[config.name].norms[0]
+
+
+@dataclass
+class RobustnessCurve:
+    """Accuracy against ε for every attack of one norm (NaN where an attack did not run at that ε), for a plot."""
+
+    norm: str
+    eps: list[float]
+    clean_acc: float
+    accuracy: dict[str, list[float]]  # attack label (and "worst_case") -> accuracy at each eps
+    cumulative: bool  # chain mode: attack i's accuracy includes the attacks before it
+
+
+@dataclass
+class RobustnessResult:
+    """Output of ``evaluate_robustness``; accuracies are fractions in [0, 1] over ``n`` examples."""
+
+    n: int
+    clean_acc: float
+    attacks: list[AttackConfig]
+    accuracy: dict[str, dict[float, float]]  # label -> eps -> accuracy (cumulative when not standalone)
+    worst_case: dict[ThreatModel, float]  # (norm, eps) -> per-example worst case over its attacks
+    clean_correct: Tensor  # (n,) bool
+    robust: dict[tuple[str, float], Tensor]  # (label, eps) -> (n,) bool, robust under that attack
+    worst_robust: dict[ThreatModel, Tensor]  # (norm, eps) -> (n,) bool
+    standalone: bool
+    primary: ThreatModel | None  # the threat model of the headline ``robust_acc/worst_case``
+
+    @property
+    def cumulative(self) -> bool:
+        """True in chain mode: per-attack numbers count the attacks before it, only the worst case is comparable."""
+        return not self.standalone
+
+    @property
+    def primary_worst_case(self) -> float | None:
+        return None if self.primary is None else self.worst_case[self.primary]
+
+    def to_metrics(self, prefix: str = "val") -> dict[str, float]:
+        """Flat MLflow keys: clean_acc, robust_acc/<label>/eps=<ε>, robust_acc/worst_case[-<norm>]/eps=<ε>,
+        robust_acc/worst_case (at the primary threat model). L∞ is the default norm and carries no suffix.
+        Chain-mode per-attack numbers go under robust_acc_chain/: they are cumulative, never comparable to
+        another run's standalone numbers under the same key."""
+        out = {f"{prefix}/clean_acc": self.clean_acc}
+        group = "robust_acc_chain" if self.cumulative else "robust_acc"
+        for label, by_eps in self.accuracy.items():
+            for eps, acc in by_eps.items():
+                out[f"{prefix}/{group}/{label}/eps={format_eps(eps)}"] = acc
+        for (norm, eps), acc in self.worst_case.items():
+            name = "worst_case" if norm == "linf" else f"worst_case-{norm}"
+            out[f"{prefix}/robust_acc/{name}/eps={format_eps(eps)}"] = acc
+        if self.primary is not None:
+            out[f"{prefix}/robust_acc/worst_case"] = self.worst_case[self.primary]
+        return out
+
+    def curves(self) -> dict[str, RobustnessCurve]:
+        """One accuracy-vs-ε curve per norm."""
+        out = {}
+        for norm in dict.fromkeys(n for n, _ in self.worst_case):
+            grid = sorted(e for n, e in self.worst_case if n == norm)
+            series = {cfg.label(): [self.accuracy[cfg.label()].get(e, math.nan) for e in grid]
+                      for cfg in self.attacks if norm_of(cfg) == norm}
+            series["worst_case"] = [self.worst_case[(norm, e)] for e in grid]
+            out[norm] = RobustnessCurve(norm, grid, self.clean_acc, series, self.cumulative)
+        return out
+
+
+def batches(data, batch_size: int = 500, *, device: torch.device | str | None = None,
+            max_examples: int | None = None, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x float in [0, 1], y int64) batches from a Split, an (images, labels) pair, a DeviceLoader or any
+    iterable of batches. ``max_examples`` caps the count: a seeded random subset for a Split or a pair (splits
+    may be sorted by class), the first batches of a loader."""
+    _check_positive("batch_size", batch_size)
+    if max_examples is not None:
+        _check_positive("max_examples", max_examples)
+    if isinstance(data, Split) or (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)):
+        images, labels = (data.images, data.labels) if isinstance(data, Split) else data
+        if max_examples is not None and max_examples < len(labels):
+            index = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_examples]
+            images, labels = images[index.to(images.device)], labels[index.to(labels.device)]
+        data = ((images[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(labels), batch_size))
+    elif not isinstance(data, Iterable):
+        raise ValueError(f"data must be a Split, an (images, labels) pair or an iterable of batches; got {type(data)}")
+    seen = 0
+    for x, y in data:
+        if max_examples is not None and seen >= max_examples:
+            return
+        if max_examples is not None:
+            x, y = x[:max_examples - seen], y[:max_examples - seen]
+        seen += len(y)
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        yield (x, y) if device is None else (x.to(device), y.to(device))
+
+
+def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig], *, train_loss: LossFn | None = None,
+                        standalone: bool = True, primary_eps: float | None = None, primary_norm: str | None = None,
+                        batch_size: int = 500, max_examples: int | None = None,
+                        seed: int | None = 0) -> RobustnessResult:
+    """Clean accuracy and robust accuracy per attack, per ε and per-example worst case (module docstring).
+
+    The primary threat model (the headline ``robust_acc/worst_case``) defaults to the *largest finite* ε of
+    the L∞ attacks (else of the first attack's norm): the strongest bounded budget is where real robustness
+    and gradient masking part ways, and the paper headlines it (MNIST ε = 0.3). An infinite budget measures
+    attack success, not robustness, so it is never the default. ``seed`` seeds the attacks' randomness
+    without touching the global RNG; deterministic attacks give the same worst case in both modes and for
+    any ``batch_size``. An empty attack list gives clean accuracy only.
+    """
+    attacks = list(attacks)
+    groups = _group(attacks)
+    primary = _primary(groups, primary_eps, primary_norm)
+    device = model_device(model)
+    built = {(cfg.label(), cfg.eps): build_attack(cfg, train_loss=train_loss) for cfg in attacks}
+    correct_parts, flag_parts = [], {key: [] for key in built}
+    worst_parts = {tm: [] for tm in groups}
+    with ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        if seed is not None:
+            stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+            torch.manual_seed(seed)
+        for x, y in batches(data, batch_size, device=device, max_examples=max_examples, seed=seed or 0):
+            correct = predict(model, x) == y
+            correct_parts.append(correct.cpu())
+            for tm, configs in groups.items():
+                alive = correct.clone()
+                for cfg in configs:
+                    todo = (correct if standalone else alive).nonzero().squeeze(1)
+                    ok = torch.zeros_like(correct)
+                    if todo.numel():
+                        x_adv = built[(cfg.label(), cfg.eps)](model, x[todo], y[todo])
+                        _check_threat_model(cfg, tm, x_adv, x[todo])
+                        ok[todo] = predict(model, x_adv) == y[todo]
+                    flag_parts[(cfg.label(), cfg.eps)].append(ok.cpu())
+                    alive &= ok
+                worst_parts[tm].append(alive.cpu())
+    if not correct_parts:
+        raise ValueError("data: no examples to evaluate")
+    clean = torch.cat(correct_parts)
+    robust = {key: torch.cat(parts) for key, parts in flag_parts.items()}
+    worst = {tm: torch.cat(parts) for tm, parts in worst_parts.items()}
+    accuracy: dict[str, dict[float, float]] = {}
+    for (label, eps), flags in robust.items():
+        accuracy.setdefault(label, {})[eps] = flags.float().mean().item()
+    return RobustnessResult(len(clean), clean.float().mean().item(), attacks, accuracy,
+                            {tm: w.float().mean().item() for tm, w in worst.items()}, clean, robust, worst,
+                            standalone, primary)
+
+
+def _group(attacks: list[AttackConfig]) -> dict[ThreatModel, list[AttackConfig]]:
+    groups: dict[ThreatModel, list[AttackConfig]] = {}
+    seen_keys: dict[tuple[str, str], float] = {}
+    for cfg in attacks:
+        if not isinstance(cfg, AttackConfig):
+            raise ValueError(f"attacks must be AttackConfig objects; got {type(cfg).__name__}")
+        if cfg.targeted:
+            raise ValueError(f"attacks: {cfg.label()} is targeted; robust accuracy needs untargeted attacks")
+        norm, key = norm_of(cfg), format_eps(cfg.eps)
+        if (norm, key) in seen_keys and seen_keys[(norm, key)] != cfg.eps:
+            raise ValueError(f"attacks: eps {seen_keys[(norm, key)]!r} and {cfg.eps!r} give the same key eps={key}")
+        seen_keys[(norm, key)] = cfg.eps
+        if any(c.label() == cfg.label() for c in groups.get((norm, cfg.eps), [])):
+            raise ValueError(f"attacks: two configs share label {cfg.label()!r} at eps={key}; give one budget per "
+                             "attack label")
+        groups.setdefault((norm, cfg.eps), []).append(cfg)
+    return groups
+
+
+def _primary(groups: dict[ThreatModel, list], eps: float | None, norm: str | None) -> ThreatModel | None:
+    norms = list(dict.fromkeys(n for n, _ in groups))
+    if not norms:
+        if eps is not None or norm is not None:
+            raise ValueError("primary_eps/primary_norm: given but the attack list is empty")
+        return None
+    norm = norm or ("linf" if "linf" in norms else norms[0])
+    radii = sorted(e for n, e in groups if n == norm)
+    if not radii:
+        raise ValueError(f"primary_norm: no attack uses norm {norm!r}; norms present: {norms}")
+    if eps is None:
+        finite = [e for e in radii if math.isfinite(e)]
+        return norm, (finite or radii)[-1]
+    match = [e for e in radii if format_eps(e) == format_eps(eps)]
+    if not match:
+        raise ValueError(f"primary_eps: {eps!r} is not among the {norm} attacks' eps {radii}")
+    return norm, match[0]
+
+
+def _check_threat_model(cfg: AttackConfig, tm: ThreatModel, x_adv: Tensor, x: Tensor) -> None:
+    """An attack that leaves its ε-ball or [0, 1] would report false robustness gains: refuse its result."""
+    norm, eps = tm
+    if norm not in ("linf", "l2") or math.isinf(eps) or x_adv.numel() == 0:
+        return
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if bool((size > eps * (1 + 1e-4) + 1e-6).any()) or bool(((x_adv < 0) | (x_adv > 1)).any()):
+        raise RuntimeError(f"attack {cfg.label()} at eps={eps}: adversarial examples leave the threat model "
+                           f"(max {norm} size {size.max().item():.6g})")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters (or buffers) live; the CPU for a model with neither."""
+    tensor = next(iter(model.parameters()), None)
+    tensor = tensor if tensor is not None else next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    """Predicted classes (B,) of a batch, without building a graph."""
+    return model(x).argmax(1)
+
+
+def _check_positive(field_name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field_name} must be an integer >= 1; got {value!r}")
+
+
+# --- latent clusters and confusion matrix ---------------------------------------------------------------------
+@dataclass
+class Embedding:
+    """2-D PCA coordinates of penultimate features, with labels, for a scatter plot coloured by class."""
+
+    coords: Tensor  # (N, 2)
+    labels: Tensor  # (N,)
+    explained_variance: list[float] = field(default_factory=list)  # fraction of variance on each axis
+
+
+@dataclass
+class ClusterMetrics:
+    """How tightly classes cluster in the penultimate layer (the GCE paper's argument), on ``n`` examples."""
+
+    n: int
+    silhouette: float
+    inter_class: float  # mean distance between class centroids
+    intra_class: float  # mean distance of a point to its class centroid
+    embedding: Embedding
+
+    @property
+    def separation_ratio(self) -> float:
+        return self.inter_class / self.intra_class if self.intra_class > 0 else math.inf
+
+    def to_metrics(self, prefix: str = "val") -> dict[str, float]:
+        return {f"{prefix}/latent/silhouette": self.silhouette, f"{prefix}/latent/inter_class": self.inter_class,
+                f"{prefix}/latent/intra_class": self.intra_class,
+                f"{prefix}/latent/inter_intra_ratio": self.separation_ratio}
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, data, *, max_examples: int | None = 1000, batch_size: int = 500,
+                         seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(features (N, D) float32, labels (N,)) from ``model.features`` in eval mode, on the CPU."""
+    feats, labels = [], []
+    with eval_mode(model):
+        for x, y in batches(data, batch_size, device=model_device(model), max_examples=max_examples, seed=seed):
+            feats.append(model.features(x).flatten(1).float().cpu())
+            labels.append(y.cpu())
+    if not feats:
+        raise ValueError("data: no examples")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def silhouette_score(features: Tensor, labels: Tensor, chunk: int = 1024) -> float:
+    """Mean silhouette (Rousseeuw 1987) with Euclidean distances, as scikit-learn defines it: s = (b − a) /
+    max(a, b), 0 for a point alone in its class. O(N²) time, O(chunk · N) memory: subsample large splits."""
+    x, labels = features.double().flatten(1), labels.long()
+    classes, y = torch.unique(labels, return_inverse=True)
+    if not 2 <= len(classes) <= len(x) - 1:
+        raise ValueError(f"silhouette needs 2 <= number of classes <= n - 1; got {len(classes)} classes, n={len(x)}")
+    onehot = torch.nn.functional.one_hot(y, len(classes)).double()
+    counts = onehot.sum(0)
+    scores = []
+    for lo in range(0, len(x), chunk):
+        dist = torch.cdist(x[lo:lo + chunk], x, compute_mode="donot_use_mm_for_euclid_dist")
+        sums = dist @ onehot  # (chunk, K): total distance to each class
+        own = y[lo:lo + chunk]
+        own_count = counts[own]
+        a = sums.gather(1, own[:, None]).squeeze(1) / (own_count - 1).clamp_min(1)
+        b = (sums / counts).scatter(1, own[:, None], math.inf).amin(1)
+        s = (b - a) / torch.maximum(a, b)
+        scores.append(torch.where(own_count > 1, torch.nan_to_num(s), torch.zeros_like(s)))
+    return torch.cat(scores).mean().item()
+
+
+def class_separation(features: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(inter, intra): mean Euclidean distance between the class centroids over all pairs of classes, and mean
+    distance of a point to its own class centroid. Their ratio is scale-free: larger means tighter clusters."""
+    x = features.double().flatten(1)
+    classes, y = torch.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError("class_separation needs at least 2 classes")
+    centroids = torch.zeros(len(classes), x.shape[1], dtype=x.dtype).index_add_(0, y, x)
+    centroids /= torch.bincount(y, minlength=len(classes)).double()[:, None]
+    pairs = torch.triu_indices(len(classes), len(classes), offset=1)
+    inter = (centroids[pairs[0]] - centroids[pairs[1]]).norm(dim=1).mean().item()
+    return inter, (x - centroids[y]).norm(dim=1).mean().item()
+
+
+def pca_embedding(features: Tensor, labels: Tensor) -> Embedding:
+    """Project centred features on their top two principal axes (exact SVD; signs fixed so the largest loading
+    of each axis is positive, which keeps plots of the same model comparable)."""
+    x = features.double().flatten(1)
+    x = x - x.mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    axes = vh[:2]
+    axes = axes * axes.gather(1, axes.abs().argmax(1, keepdim=True)).sign()
+    variance = (s**2) / (s**2).sum().clamp_min(1e-300)
+    coords = torch.nn.functional.pad(x @ axes.T, (0, max(0, 2 - len(axes))))
+    return Embedding(coords.float(), labels.clone(), variance[:2].tolist())
+
+
+def latent_clusters(model: nn.Module, data, *, max_examples: int = 1000, batch_size: int = 500,
+                    seed: int = 0) -> ClusterMetrics:
+    """Silhouette, centroid distances and a 2-D embedding of penultimate features on a seeded subsample."""
+    feats, labels = penultimate_features(model, data, max_examples=max_examples, batch_size=batch_size, seed=seed)
+    inter, intra = class_separation(feats, labels)
+    return ClusterMetrics(len(labels), silhouette_score(feats, labels), inter, intra, pca_embedding(feats, labels))
+
+
+@torch.no_grad()
+def confusion_matrix(model: nn.Module, data, *, num_classes: int | None = None, batch_size: int = 500,
+                     max_examples: int | None = None) -> Tensor:
+    """(K, K) int64 counts on the CPU: row = true class, column = predicted class."""
+    pairs = []
+    with eval_mode(model):
+        for x, y in batches(data, batch_size, device=model_device(model), max_examples=max_examples):
+            logits = model(x)
+            num_classes = num_classes or logits.shape[1]
+            pairs.append((y * num_classes + logits.argmax(1)).cpu())
+    if num_classes is None:
+        raise ValueError("data: no examples")
+    counts = torch.bincount(torch.cat(pairs), minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
