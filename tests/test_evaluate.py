@@ -9,13 +9,10 @@ import gce.evaluate as evaluate_module
 from gce.attacks import AttackConfig, build_attack
 from gce.config import TrainConfig
 from gce.data import load_dataset
-from gce.evaluate import (
-    batches,
+from gce.evaluate import batches, evaluate_robustness, expand_eps, format_eps
+from gce.latent import (
     class_separation,
     confusion_matrix,
-    evaluate_robustness,
-    expand_eps,
-    format_eps,
     latent_clusters,
     pca_embedding,
     penultimate_features,

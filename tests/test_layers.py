@@ -1,7 +1,8 @@
 import subprocess
 import sys
 
-SUBMODULES = ["gce", "gce.losses", "gce.models", "gce.data", "gce.config", "gce.train", "gce.attacks"]
+SUBMODULES = ["gce", "gce.losses", "gce.models", "gce.data", "gce.config", "gce.train", "gce.attacks",
+              "gce.evaluate", "gce.latent", "gce.checks"]
 
 
 def test_importing_gce_pulls_in_neither_ray_nor_mlflow():
