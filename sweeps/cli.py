@@ -81,5 +81,106 @@ def _train(config, checkpoint: Path | None) -> None:
 
 register_tracking_commands(app)
 
+
+def _load(spec: str, smoke: bool):
+    from sweeps.spec import SpecError, load_spec
+
+    try:
+        loaded = load_spec(spec)
+        return loaded.smoke() if smoke else loaded
+    except SpecError as err:
+        raise typer.BadParameter(str(err), param_hint="SPEC") from err
+
+
+@app.command()
+def validate(
+    spec: Annotated[str, typer.Argument(help="A spec file, or the name of a shipped spec (see `gce-sweep specs`).")],
+    smoke: Annotated[bool, typer.Option(help="Validate the --smoke version of the spec.")] = False,
+    show: Annotated[int, typer.Option(help="How many trial configs to print.")] = 5,
+) -> None:
+    """Dry run: check the spec, print the trial count and the first trial configs. Starts nothing."""
+    from rich.console import Console
+
+    loaded = _load(spec, smoke)
+    console = Console(soft_wrap=True)
+    console.print(f"spec {loaded.name!r} is valid: experiment {loaded.experiment!r}, {loaded.trial_count()} trial(s), "
+                  f"search {loaded.search.algorithm}, scheduler {loaded.scheduler.name}, "
+                  f"objective {', '.join(f'{o.metric} ({o.mode})' for o in loaded.objectives)}")
+    if loaded.search.algorithm == "grid":
+        trials = [(p, s) for p in loaded.grid_points() for s in loaded.seeds]
+        for point, seed in trials[:show]:
+            loaded.trial_config(point, seed)  # already validated: this is what the trial will run
+            console.print(f"  {point | {'seed': seed}}")
+        if len(trials) > show:
+            console.print(f"  … and {len(trials) - show} more")
+    else:
+        console.print(f"  space: {', '.join(f'{k} ~ {d.kind}{d.values}' for k, d in loaded.space.items())}; "
+                      f"seeds {loaded.seeds}")
+
+
+@app.command()
+def specs() -> None:
+    """List the specs shipped with the package."""
+    from sweeps.spec import load_spec, shipped_specs
+
+    for name, path in sorted(shipped_specs().items()):
+        spec = load_spec(path)
+        typer.echo(f"{name:16s} {spec.trial_count():4d} trials  {spec.description}")
+
+
+@app.command()
+def run(
+    spec: Annotated[str, typer.Argument(help="A spec file, or the name of a shipped spec (e.g. quickstart).")],
+    smoke: Annotated[bool, typer.Option(help="Shrink the sweep to seconds: 1 epoch of a few batches, small eval.")]
+    = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default $RAY_ADDRESS or local Ray).")]
+    = None,
+    storage: Annotated[Path | None, typer.Option(help="Ray Tune results folder (default .gce-sweeps/ray_results).")]
+    = None,
+) -> None:
+    """Run a sweep: trials scheduled by Ray Tune, each trained, attacked and logged to MLflow."""
+    from rich.console import Console
+
+    from sweeps.launcher import run_sweep
+    from sweeps.spec import SpecError
+
+    loaded = _load(spec, smoke)
+    console = Console(soft_wrap=True)
+    try:
+        result = run_sweep(loaded, address=address, storage=storage, console=console)
+    except SpecError as err:
+        raise typer.BadParameter(str(err), param_hint="SPEC") from err
+    _finish(console, result)
+
+
+@app.command()
+def resume(
+    sweep: Annotated[str, typer.Argument(help="The sweep id printed by `run` (or its results folder).")],
+    storage: Annotated[Path | None, typer.Option(help="Ray Tune results folder (default .gce-sweeps/ray_results).")]
+    = None,
+) -> None:
+    """Continue a sweep whose driver stopped: finished trials are kept, the rest continue from checkpoints."""
+    from rich.console import Console
+
+    from sweeps.launcher import resume_sweep
+    from sweeps.spec import SpecError
+
+    console = Console(soft_wrap=True)
+    try:
+        result = resume_sweep(sweep, storage=storage, console=console)
+    except SpecError as err:
+        raise typer.BadParameter(str(err), param_hint="SWEEP") from err
+    _finish(console, result)
+
+
+def _finish(console, result) -> None:
+    console.print(f"sweep {result.sweep_id}: {result.trials} trial(s), {result.errors} failed; "
+                  f"parent run {result.parent_run_id}")
+    if result.best:
+        console.print(f"best {result.best['metric']} = {result.best['value']:.4f}: {result.best['config']}")
+    console.print(f"query: gce-sweep best {result.experiment!r}   ·   resume: gce-sweep resume {result.sweep_id}")
+    if result.errors:
+        raise typer.Exit(1)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,262 @@
+"""The sweep spec: YAML -> validated pydantic objects -> trial configs.
+
+A spec names an experiment, a base training config (gce.config.TrainConfig as a nested mapping), a search
+space over any of its fields (dotted paths), seeds as a factor, the evaluation attacks, the objective, the
+searcher, the scheduler and the resources. Everything is checked before Ray starts: a bad field is reported
+with its YAML path and the allowed values, and nothing runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sweeps.space import Dimension
+
+__all__ = ["MAX_GRID_TRIALS", "SpecError", "SweepSpec", "load_spec", "shipped_specs"]
+
+MAX_GRID_TRIALS = 10_000  # a typo like 1e4 values in a grid should not start a month of trials
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names each bad field by its YAML path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class AttackSpec(_Strict):
+    """One attack of the evaluation, at every ε of ``eps``; other fields are gce.attacks.AttackConfig's."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    eps: list[float] = Field(min_length=1)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    def configs(self) -> list[Any]:
+        from gce.attacks import AttackConfig
+
+        extra = dict(self.model_extra or {})
+        return [AttackConfig(name=self.name, eps=e, **extra) for e in self.eps]
+
+
+class EvaluationSpec(_Strict):
+    attacks: list[AttackSpec] = Field(default_factory=list)
+    max_examples: Annotated[int, Field(ge=1)] = 1000  # per split: robust evaluation is the costly part
+    batch_size: Annotated[int, Field(ge=1)] = 500
+    standalone: bool = True  # every attack on every point (exact per-attack numbers) vs AutoAttack-style chain
+    primary_eps: float | None = None  # the ε of val/robust_acc/worst_case; None = the largest
+    test: bool = True  # also evaluate the test split (reported beside; selection uses val)
+    checks: bool = True  # gradient-masking diagnostics per trial
+
+
+class Objective(_Strict):
+    metric: str = "val/robust_acc/worst_case"
+    mode: Literal["max", "min"] = "max"
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["grid", "random", "tpe", "multi_objective"] = "grid"
+    num_samples: Annotated[int, Field(ge=1)] = 1  # grid: repeats of the whole grid; others: trials
+    seed: int = 0
+
+
+class SchedulerSpec(_Strict):
+    name: Literal["none", "asha"] = "none"
+    grace_period: Annotated[int, Field(ge=1)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 3
+    metric: str = "val/clean_acc"  # per-epoch metric ASHA compares (robust metrics exist only at the end)
+    mode: Literal["max", "min"] = "max"
+
+
+class Resources(_Strict):
+    cpu: Annotated[float, Field(gt=0)] = 1
+    gpu: Annotated[float, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _gpu_fraction(self) -> Resources:
+        if self.gpu > 1 and self.gpu != int(self.gpu):
+            raise ValueError("gpu: a fraction must be <= 1 (several trials share a GPU); above 1 use whole GPUs")
+        return self
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    experiment: str
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Dimension] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    objective: Objective | list[Objective] = Field(default_factory=Objective)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
+    max_failures: Annotated[int, Field(ge=0)] = 0
+    address: str | None = None  # Ray address; None = $RAY_ADDRESS or a local Ray
+    storage_path: str | None = None  # Ray Tune results; None = .gce-sweeps/ray_results
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_objective(cls, raw: Any) -> Any:
+        """Robust accuracy when the spec attacks, clean accuracy when it does not."""
+        if isinstance(raw, dict) and "objective" not in raw:
+            attacks = (raw.get("evaluation") or {}).get("attacks") if isinstance(raw.get("evaluation"), dict) else None
+            metric = "val/robust_acc/worst_case" if attacks else "val/clean_acc"
+            raw = {**raw, "objective": {"metric": metric, "mode": "max"}}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        objectives = self.objectives
+        if self.search.algorithm == "multi_objective" and len(objectives) != 2:
+            raise ValueError("objective: multi_objective search needs a list of two objectives")
+        if self.search.algorithm != "multi_objective" and len(objectives) != 1:
+            raise ValueError("objective: a list of objectives needs search.algorithm 'multi_objective'")
+        if self.search.algorithm == "grid" and any(not d.is_grid for d in self.space.values()):
+            bad = [k for k, d in self.space.items() if not d.is_grid]
+            raise ValueError(f"space: {bad} are distributions; search.algorithm 'grid' takes grid dimensions "
+                             "only (use random, tpe or multi_objective)")
+        if self.search.algorithm == "multi_objective" and self.scheduler.name != "none":
+            raise ValueError("scheduler: ASHA stops on one metric; use scheduler.name 'none' with multi_objective")
+        return self
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return self.objective if isinstance(self.objective, list) else [self.objective]
+
+    # --- trials ----------------------------------------------------------------------------------------
+    def grid_size(self) -> int:
+        sizes = [len(d.grid) for d in self.space.values() if d.is_grid and d.when is None]
+        return math.prod(sizes) * len(self.seeds) * self.search.num_samples
+
+    def trial_count(self) -> int:
+        """Trials the sweep launches (grid: conditional dimensions expand only where they apply)."""
+        if self.search.algorithm == "grid":
+            return len(self.grid_points()) * len(self.seeds) * self.search.num_samples
+        return self.search.num_samples
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every assignment of the grid dimensions, conditional ones only where their `when` holds."""
+        plain = [(k, d.grid) for k, d in self.space.items() if d.when is None]
+        conditional = [(k, d) for k, d in self.space.items() if d.when is not None]
+        points = []
+        for values in itertools.product(*(g for _, g in plain)):
+            partial = [dict(zip([k for k, _ in plain], values, strict=True))]
+            for key, dim in conditional:
+                partial = [{**p, key: v} for p in partial for v in (dim.grid if dim.applies(p) else [None])]
+            points.extend({k: v for k, v in p.items() if v is not None} for p in partial)
+        return points
+
+    def trial_config(self, point: dict[str, Any], seed: int) -> Any:
+        """The gce TrainConfig of one trial: the base with the point's values and the seed set."""
+        from gce.config import TrainConfig
+
+        nested = json.loads(json.dumps(self.base))
+        for path, value in point.items():
+            _set(nested, path, value)
+        nested["seed"] = seed
+        return TrainConfig.from_dict(nested)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+    def smoke(self) -> SweepSpec:
+        """The same sweep shrunk to seconds: one epoch of a few batches, small evaluation, one seed."""
+        data = self.model_dump()
+        base = data["base"]
+        base["epochs"], base["max_batches"] = 1, 3
+        base.setdefault("data", {})["limit"] = 512
+        for dim in ("epochs", "train.epochs", "max_batches", "train.max_batches"):
+            data["space"].pop(dim, None)
+        data["seeds"] = data["seeds"][:1]
+        ev = data["evaluation"]
+        ev["max_examples"] = min(ev["max_examples"], 64)
+        for attack in ev["attacks"]:
+            attack["eps"] = attack["eps"][:2]
+            if "steps" in attack:
+                attack["steps"] = min(attack["steps"], 3)
+        data["search"]["num_samples"] = min(data["search"]["num_samples"], 2)
+        data["name"] = f"{self.name}-smoke"
+        data["experiment"] = f"{self.experiment}-smoke"  # smoke runs never mix with a study's real results
+        return SweepSpec.model_validate(data)
+
+
+def _set(nested: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    if parts[0] == "train":
+        parts = parts[1:]
+    node = nested
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if node is None:
+            node = {}
+    node[parts[-1]] = value
+
+
+def shipped_specs() -> dict[str, Path]:
+    """Specs shipped in the package, by name."""
+    folder = resources.files("sweeps") / "specs"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
+    """Parse and fully validate a spec (a path, a shipped name or a mapping); raise SpecError naming fields."""
+    if isinstance(source, dict):
+        raw, where = source, "<mapping>"
+    else:
+        path = Path(source)
+        if not path.exists():
+            shipped = shipped_specs()
+            if str(source) not in shipped:
+                raise SpecError(f"spec {str(source)!r}: no such file, and not a shipped spec "
+                                f"(shipped: {sorted(shipped)})")
+            path = shipped[str(source)]
+        where = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise SpecError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: a spec must be a mapping of fields (name, experiment, base, …); "
+                        f"got {type(raw).__name__}")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{where}: invalid spec\n" + _format(err)) from None
+    from sweeps.validate import check_semantics
+
+    problems = check_semantics(spec)
+    if problems:
+        raise SpecError(f"{where}: invalid spec\n" + "\n".join(f"  - {p}" for p in problems))
+    return spec
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        if not path:  # a check across fields: its message names them
+            lines.append(f"  - {msg}")
+        else:
+            lines.append(f"  - {path}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)

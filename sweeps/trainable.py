@@ -1,0 +1,109 @@
+"""The Ray Tune function trainable: config -> gce.fit -> a report per epoch -> robust evaluation -> MLflow.
+
+Thin on purpose (Ray's mnist_pytorch example): the science is gce.train.fit and gce.evaluate; this file only
+reads the trial's assignment, loops, reports and tracks. Each trial logs to its own MLflow run, found again
+by (sweep id, trial id), so a restored trial continues its run and its epoch count from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from sweeps.evaluation import evaluate_trial
+from sweeps.spec import SweepSpec
+
+__all__ = ["SweepContext", "train_trial", "trial_assignment"]
+
+CHECKPOINT_FILE = "trial.pt"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep shares; passed once through Ray's object store (tune.with_parameters)."""
+
+    spec: dict[str, Any]  # SweepSpec.model_dump(): plain data travels to workers, objects are rebuilt there
+    sweep_id: str
+    parent_run_id: str
+    tracking_uri: str
+    experiment: str
+
+    def sweep_spec(self) -> SweepSpec:
+        return SweepSpec.model_validate(self.spec)
+
+
+def trial_assignment(config: dict[str, Any], spec: SweepSpec) -> tuple[dict[str, Any], int]:
+    """(point, seed) of a trial: a grid trial carries them whole; an Optuna trial has one key per dimension."""
+    if "point" in config:
+        return dict(config["point"]), int(config["seed"])
+    point = {k: config[k] for k in spec.space if k in config and config[k] is not None}
+    return point, int(config.get("seed", spec.seeds[0]))
+
+
+@lru_cache(maxsize=2)
+def _dataset(name: str, root: str | None, download: bool, val_size: float, seed: int, limit: int | None):
+    """Datasets are reused across trials of a reused actor (same split seed), not reloaded per trial."""
+    from gce.data import load_dataset
+
+    return load_dataset(name, root, download=download, val_size=val_size, seed=seed, limit=limit)
+
+
+def train_trial(config: dict[str, Any], context: SweepContext) -> None:
+    from gce.train import fit
+    from tracking.logger import RunLogger
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "checkpoint created" line every epoch
+    spec = context.sweep_spec()
+    point, seed = trial_assignment(config, spec)
+    train_config = spec.trial_config(point, seed)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
+    trial_id = tune.get_context().get_trial_id()
+    logger = RunLogger(context.tracking_uri, context.experiment)
+    # Unset options (α of a CE trial, no adversarial training) are left out, not logged as "None".
+    params = {k: v for k, v in train_config.to_flat().items() if v is not None}
+    params["sweep.point"] = _describe(point)
+    run_id = logger.start_trial(context.sweep_id, trial_id, params, parent_run_id=context.parent_run_id,
+                                run_name=f"{trial_id} {_describe(point)} seed={seed}")
+    try:
+        d = train_config.data
+        data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
+        resume = tune.get_checkpoint()
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            resume_path = None
+            if resume is not None:
+                resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE
+
+            def report(end) -> None:
+                logger.log_metrics(run_id, end.metrics, step=end.epoch)
+                with tempfile.TemporaryDirectory() as ckpt_dir:
+                    end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
+                    tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+            result = fit(train_config, callbacks=[report], data=data, resume_from=resume_path)
+        train_s = time.perf_counter() - started
+        final = evaluate_trial(spec, result.trainer, logger, run_id)
+        final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
+        logger.log_metrics(run_id, final, step=result.trainer.epoch)
+        logger.end_run(run_id, "FINISHED")
+        tune.report(final)
+    except SystemExit:  # Tune stops a trial the scheduler pruned by exiting its thread at a report
+        logger.end_run(run_id, "FINISHED", stop_reason=f"stopped early by the {spec.scheduler.name} scheduler")
+        raise
+    except BaseException as err:
+        logger.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+        logger.end_run(run_id, "FAILED", error=err)
+        raise
+
+
+def _describe(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "base"
