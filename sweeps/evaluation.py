@@ -36,9 +36,13 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     metrics: dict[str, float] = {}
     val = evaluate_robustness(model, data.val, attacks, **run)
     metrics.update(val.to_metrics("val"))
+    # The per-epoch val/clean_acc covers the whole split; the attacked subsample's own clean accuracy (the
+    # baseline of its robust numbers) gets its own key rather than a second, different point at the last step.
+    metrics["val/eval_clean_acc"], metrics["val/eval_n"] = metrics.pop("val/clean_acc"), val.n
     if ev.test:
         test = evaluate_robustness(model, data.test, attacks, **run)
         metrics.update(test.to_metrics("test"))
+        metrics["test/eval_n"] = test.n
     clusters = latent_clusters(model, data.val, max_examples=min(ev.max_examples, 1000), batch_size=ev.batch_size)
     metrics.update(clusters.to_metrics("val"))
     tags: dict[str, str] = {}

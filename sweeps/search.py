@@ -37,25 +37,28 @@ class _OptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
 
-def define_by_run(spec: SweepSpec):
-    """An Optuna define-by-run space: plain dimensions first, then conditional ones whose `when` holds."""
-    plain = [(k, d) for k, d in spec.space.items() if d.when is None]
-    conditional = [(k, d) for k, d in spec.space.items() if d.when is not None]
-    seeds = list(spec.seeds)
+class DefineByRun:
+    """An Optuna define-by-run space: plain dimensions first, then conditional ones whose `when` holds.
 
-    def space(trial) -> dict[str, Any] | None:
+    A class rather than a closure: Tune pickles the searcher (with this space) into its experiment state.
+    """
+
+    def __init__(self, spec: SweepSpec):
+        self.plain = [(k, d) for k, d in spec.space.items() if d.when is None]
+        self.conditional = [(k, d) for k, d in spec.space.items() if d.when is not None]
+        self.seeds = list(spec.seeds)
+
+    def __call__(self, trial) -> dict[str, Any] | None:
         point: dict[str, Any] = {}
-        for key, dim in plain:
+        for key, dim in self.plain:
             point[key] = dim.suggest(trial, key)
-        for key, dim in conditional:
+        for key, dim in self.conditional:
             if dim.applies(point):
                 point[key] = dim.suggest(trial, key)
-        if len(seeds) > 1:
-            trial.suggest_categorical("seed", seeds)
+        if len(self.seeds) > 1:
+            trial.suggest_categorical("seed", self.seeds)
             return None
-        return {"seed": seeds[0]}
-
-    return space
+        return {"seed": self.seeds[0]}
 
 
 def searcher(spec: SweepSpec):
@@ -71,7 +74,7 @@ def searcher(spec: SweepSpec):
     else:
         metric, mode = objectives[0].metric, objectives[0].mode
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return _OptunaSearch(space=define_by_run(spec), metric=metric, mode=mode, sampler=sampler)
+    return _OptunaSearch(space=DefineByRun(spec), metric=metric, mode=mode, sampler=sampler)
 
 
 def scheduler(spec: SweepSpec):

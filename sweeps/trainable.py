@@ -95,7 +95,8 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
         logger.log_metrics(run_id, final, step=result.trainer.epoch)
         logger.end_run(run_id, "FINISHED")
-        tune.report(final)
+        # Tune's last result is what searchers and `best` read: give it the final clean metrics too.
+        tune.report({**result.trainer.evaluate(), **final})
     except SystemExit:  # Tune stops a trial the scheduler pruned by exiting its thread at a report
         logger.end_run(run_id, "FINISHED", stop_reason=f"stopped early by the {spec.scheduler.name} scheduler")
         raise

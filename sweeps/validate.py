@@ -134,7 +134,8 @@ def metric_names(spec: SweepSpec) -> set[str]:
     """The metric keys a trial of this spec reports (what objectives and queries can name)."""
     from gce.evaluate import format_eps
 
-    names = set(PER_EPOCH_METRICS)
+    names = set(PER_EPOCH_METRICS) | {"val/eval_clean_acc", "time/train_s", "time/eval_s"}
+    names |= {f"val/latent/{k}" for k in ("silhouette", "inter_class", "intra_class", "inter_intra_ratio")}
     splits = ["val", "test"] if spec.evaluation.test else ["val"]
     for split in splits:
         names.add(f"{split}/clean_acc")
