@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install, then a short GCE training run of LeNet-5 on real MNIST images
-# that ship with an installed package (offline).
+# The main job on a fresh machine: install, then the quickstart sweep (CE vs COT vs GCE on real MNIST images
+# shipped with an installed package) on the embedded MLflow server. Extra arguments go to `gce-sweep run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/gce-sweep train --dataset mnist5k --model lenet5 --loss gce --epochs 3 "$@"
+exec .venv/bin/gce-sweep run quickstart "$@"

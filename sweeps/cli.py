@@ -82,11 +82,14 @@ def _train(config, checkpoint: Path | None) -> None:
 register_tracking_commands(app)
 
 
-def _load(spec: str, smoke: bool):
+SET_HELP = "Override a spec field: PATH=VALUE (YAML), e.g. --set base.epochs=5 --set seeds=[0,1]. Repeatable."
+
+
+def _load(spec: str, smoke: bool, overrides: list[str] | None = None):
     from sweeps.spec import SpecError, load_spec
 
     try:
-        loaded = load_spec(spec)
+        loaded = load_spec(spec, overrides or [])
         return loaded.smoke() if smoke else loaded
     except SpecError as err:
         raise typer.BadParameter(str(err), param_hint="SPEC") from err
@@ -97,11 +100,12 @@ def validate(
     spec: Annotated[str, typer.Argument(help="A spec file, or the name of a shipped spec (see `gce-sweep specs`).")],
     smoke: Annotated[bool, typer.Option(help="Validate the --smoke version of the spec.")] = False,
     show: Annotated[int, typer.Option(help="How many trial configs to print.")] = 5,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Dry run: check the spec, print the trial count and the first trial configs. Starts nothing."""
     from rich.console import Console
 
-    loaded = _load(spec, smoke)
+    loaded = _load(spec, smoke, set_)
     console = Console(soft_wrap=True)
     console.print(f"spec {loaded.name!r} is valid: experiment {loaded.experiment!r}, {loaded.trial_count()} trial(s), "
                   f"search {loaded.search.algorithm}, scheduler {loaded.scheduler.name}, "
@@ -137,6 +141,7 @@ def run(
     = None,
     storage: Annotated[Path | None, typer.Option(help="Ray Tune results folder (default .gce-sweeps/ray_results).")]
     = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Run a sweep: trials scheduled by Ray Tune, each trained, attacked and logged to MLflow."""
     from rich.console import Console
@@ -144,7 +149,7 @@ def run(
     from sweeps.launcher import run_sweep
     from sweeps.spec import SpecError
 
-    loaded = _load(spec, smoke)
+    loaded = _load(spec, smoke, set_)
     console = Console(soft_wrap=True)
     try:
         result = run_sweep(loaded, address=address, storage=storage, console=console)

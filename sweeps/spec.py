@@ -214,8 +214,33 @@ def shipped_specs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
-def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
-    """Parse and fully validate a spec (a path, a shipped name or a mapping); raise SpecError naming fields."""
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["base.epochs=5", "space.loss.name=[ce, gce]"]``: set dotted paths, values parsed as YAML."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise SpecError(f"--set {item!r}: expected PATH=VALUE, e.g. base.epochs=5")
+        parts = path.split(".")
+        node = raw
+        # Keys of `space` are themselves dotted paths ("space.loss.alpha" sets the dimension "loss.alpha").
+        if parts[0] == "space" and len(parts) > 1:
+            parts = ["space", ".".join(parts[1:])]
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML: {err}") from None
+    return raw
+
+
+def load_spec(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SweepSpec:
+    """Parse and fully validate a spec (a path, a shipped name or a mapping), with ``--set`` overrides applied;
+    raise SpecError naming every bad field."""
     if isinstance(source, dict):
         raw, where = source, "<mapping>"
     else:
@@ -231,6 +256,8 @@ def load_spec(source: str | Path | dict[str, Any]) -> SweepSpec:
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise SpecError(f"{where}: not valid YAML: {err}") from None
+    if isinstance(raw, dict) and overrides:
+        raw = apply_overrides(raw, overrides)
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: a spec must be a mapping of fields (name, experiment, base, …); "
                         f"got {type(raw).__name__}")

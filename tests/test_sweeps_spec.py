@@ -137,3 +137,14 @@ def test_validate_command_rejects_a_bad_spec(tmp_path):
     path.write_text(yaml.safe_dump(spec(space={"loss.name": ["ce", "gce"], "loss.alpha": [0.1]})))
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "loss.alpha" in result.output
+
+
+def test_set_overrides_reach_base_space_and_seeds():
+    s = load_spec("paper_mnist", ["base.data.dataset=mnist5k", "base.epochs=3", "space.loss.name=[ce, cot, gce]",
+                                  "seeds=[4]"])
+    cfg = s.trial_config(s.grid_points()[1], s.seeds[0])
+    assert cfg.data.dataset == "mnist5k" and cfg.epochs == 3 and cfg.loss.name == "cot" and cfg.seed == 4
+    with pytest.raises(SpecError, match="PATH=VALUE"):
+        load_spec("quickstart", ["base.epochs"])
+    with pytest.raises(SpecError, match="train.epochs"):
+        load_spec("quickstart", ["base.epochs=0"])
