@@ -170,8 +170,10 @@ def _rising(name: str, ms: list[Measurement], group, order, tol: float, what: st
 
 def _iterative_vs_single(ms: list[Measurement], tol: float) -> Flag:
     name, bad, values, compared = "iterative_weaker_than_single_step", [], {}, 0
-    for key in {(m.source, m.norm, m.eps) for m in ms}:
-        group = [m for m in ms if (m.source, m.norm, m.eps) == key]
+    # Like with like: an iterative attack is compared with FGSM of the same loss (a weak GCE-loss PGD against a
+    # CE FGSM says the loss is weak, not that the iteration failed).
+    for key in {(m.source, m.norm, m.eps, m.loss) for m in ms}:
+        group = [m for m in ms if (m.source, m.norm, m.eps, m.loss) == key]
         single = [m for m in group if m.attack == "fgsm"]
         iterative = [m for m in group if m.attack in ITERATIVE]
         if not single or not iterative:
@@ -207,7 +209,8 @@ def _diagnose(ms: list[Measurement], cfg: CheckConfig) -> Diagnosis:
     tol = cfg.tolerance
     return Diagnosis([
         _iterative_vs_single(ms, tol),
-        _rising("accuracy_rises_with_eps", ms, lambda m: (m.source, m.label, m.steps), lambda m: m.eps, tol, "eps"),
+        _rising("accuracy_rises_with_eps", ms, lambda m: (m.source, m.label, m.norm, m.steps), lambda m: m.eps, tol,
+                "eps"),
         _rising("accuracy_rises_with_steps", ms, lambda m: (m.source, m.label, m.norm, m.eps), lambda m: m.steps,
                 tol, "steps"),
         _unbounded(ms, cfg.unbounded_max_acc),

@@ -69,7 +69,7 @@ class RobustnessResult:
     clean_acc: float
     attacks: list[AttackConfig]
     accuracy: dict[str, dict[float, float]]  # label -> eps -> accuracy (cumulative when not standalone)
-    worst_case: dict[ThreatModel, float]  # (norm, eps) -> per-example worst case over its attacks
+    worst_case: dict[ThreatModel, float]  # (norm, eps) -> per-example worst case over its attacks and smaller eps
     clean_correct: Tensor  # (n,) bool
     robust: dict[tuple[str, float], Tensor]  # (label, eps) -> (n,) bool, robust under that attack
     worst_robust: dict[ThreatModel, Tensor]  # (norm, eps) -> (n,) bool
@@ -185,13 +185,26 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
         raise ValueError("data: no examples to evaluate")
     clean = torch.cat(correct_parts)
     robust = {key: torch.cat(parts) for key, parts in flag_parts.items()}
-    worst = {tm: torch.cat(parts) for tm, parts in worst_parts.items()}
+    worst = _nested({tm: torch.cat(parts) for tm, parts in worst_parts.items()})
     accuracy: dict[str, dict[float, float]] = {}
     for (label, eps), flags in robust.items():
         accuracy.setdefault(label, {})[eps] = flags.float().mean().item()
     return RobustnessResult(len(clean), clean.float().mean().item(), attacks, accuracy,
                             {tm: w.float().mean().item() for tm, w in worst.items()}, clean, robust, worst,
                             standalone, primary)
+
+
+def _nested(worst: dict[ThreatModel, Tensor]) -> dict[ThreatModel, Tensor]:
+    """Balls of one norm are nested: an example fooled within ε is fooled within every larger ε, so the
+    worst case at ε also counts the successes of every attack at smaller radii (never rises with ε)."""
+    out = {}
+    for norm in dict.fromkeys(n for n, _ in worst):
+        alive = None
+        for eps in sorted(e for n, e in worst if n == norm):
+            flags = worst[(norm, eps)]
+            alive = flags if alive is None else alive & flags
+            out[(norm, eps)] = alive
+    return {tm: out[tm] for tm in worst}
 
 
 def _group(attacks: list[AttackConfig]) -> dict[ThreatModel, list[AttackConfig]]:

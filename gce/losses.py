@@ -27,7 +27,7 @@ __all__ = [
     "guided_complement_entropy",
 ]
 
-NORMALIZATIONS = ("paper", "code")
+NORMALIZATIONS = ("paper", "code", "classes")
 REDUCTIONS = ("mean", "sum", "none")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,6 +84,8 @@ def _normalizer(num_classes: int, normalization: str) -> float:
         return math.log(num_classes - 1)
     if normalization == "code":
         return math.log(num_classes)
+    if normalization == "classes":  # COT's released code divides its complement entropy by K
+        return float(num_classes)
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
 
 
@@ -95,7 +97,8 @@ def complement_entropy(
 ) -> torch.Tensor:
     """Negated, normalised complement entropy (COT's complement objective), to be minimised.
 
-    With ``normalization="paper"`` the value lies in [-1, 0]: -1 when the incorrect classes are exactly flat.
+    With ``normalization="paper"`` the value lies in [-1, 0]: -1 when the incorrect classes are exactly flat;
+    ``"classes"`` divides by K as COT's released code does (a ≈4.5× smaller step for K = 10 than "paper").
     In COT it alternates with a cross-entropy step (see ``gce.train``); on its own it does not raise ŷ_g.
     """
     _check(logits, target, 3, reduction)

@@ -99,6 +99,12 @@ class Trainer:
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = _optimizer(config, self.model.parameters())
         self.scheduler = _scheduler(config, self.optimizer)
+        # COT's complement step has an optimiser of its own, as in the authors' code: Adam's moment estimates
+        # of the two objectives must not mix.
+        self.complement_optimizer = self.complement_scheduler = None
+        if config.loss.name == "cot":
+            self.complement_optimizer = _optimizer(config, self.model.parameters())
+            self.complement_scheduler = _scheduler(config, self.complement_optimizer)
         augment = config.data.augment or info.augment
         self.train_loader = DeviceLoader(self.data.train, config.batch_size, shuffle=True, augment=augment,
                                          seed=config.seed, device=self.device, drop_last=False,
@@ -119,14 +125,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _step(self, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
-              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, loss_fn: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             logits = self.forward(x)
         loss = loss_fn(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        optimizer.step()
         return logits.detach(), loss.detach()
 
     def train_epoch(self) -> dict[str, float]:
@@ -147,11 +153,11 @@ class Trainer:
                 x = self.attack(self.model, x, y)
                 self.model.train()
             if cfg.loss.name == "cot":
-                logits, ce = self._step(cross_entropy, x, y)
-                _, comp = self._step(self.complement_fn, x, y)
+                logits, ce = self._step(cross_entropy, x, y, self.optimizer)
+                _, comp = self._step(self.complement_fn, x, y, self.complement_optimizer)
                 loss = ce + comp
             else:
-                logits, loss = self._step(self.loss_fn, x, y)
+                logits, loss = self._step(self.loss_fn, x, y, self.optimizer)
             loss_sum += loss * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             seen += y.shape[0]
@@ -162,8 +168,9 @@ class Trainer:
             raise TrainingDiverged(f"train/loss is {train_loss} at epoch {self.epoch + 1} "
                                    f"(optim.lr={cfg.optim.lr}): training diverged")
         lr = self.optimizer.param_groups[0]["lr"]
-        if self.scheduler is not None:
-            self.scheduler.step()
+        for scheduler in (self.scheduler, self.complement_scheduler):
+            if scheduler is not None:
+                scheduler.step()
         self.epoch += 1
         return {"train/loss": train_loss, "train/acc": correct.item() / max(seen, 1),
                 "train/images_per_s": seen / elapsed, "train/epoch_time_s": elapsed, "train/lr": lr}
@@ -196,8 +203,12 @@ class Trainer:
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scheduler": _state(self.scheduler),
+            "complement_optimizer": _state(self.complement_optimizer),
+            "complement_scheduler": _state(self.complement_scheduler),
             "torch_rng": torch.get_rng_state(),
+            # Random starts of adversarial training draw from the CUDA generator there: resume it too.
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         }
 
     def save_checkpoint(self, path: str | Path) -> Path:
@@ -211,10 +222,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        for name in ("optimizer", "scheduler", "complement_optimizer", "complement_scheduler"):
+            target = getattr(self, name)
+            if target is not None and state.get(name) is not None:
+                target.load_state_dict(state[name])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.device.type == "cuda" and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.epoch = int(state["epoch"])
 
 
@@ -261,6 +275,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
                         mean=info.mean, std=info.std, **config.model.kwargs)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config
+
+
+def _state(obj) -> dict[str, Any] | None:
+    return None if obj is None else obj.state_dict()
 
 
 def _optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:

@@ -181,10 +181,12 @@ def resume(
 def _finish(console, result) -> None:
     console.print(f"sweep {result.sweep_id}: {result.trials} trial(s), {result.errors} failed; "
                   f"parent run {result.parent_run_id}")
+    if result.unfinished:
+        console.print(f"[yellow]{result.unfinished} trial(s) did not finish[/]: gce-sweep resume {result.sweep_id}")
     if result.best:
         console.print(f"best {result.best['metric']} = {result.best['value']:.4f}: {result.best['config']}")
     console.print(f"query: gce-sweep best {result.experiment!r}   ·   resume: gce-sweep resume {result.sweep_id}")
-    if result.errors:
+    if result.errors or result.unfinished:
         raise typer.Exit(1)
 
 if __name__ == "__main__":

@@ -55,10 +55,7 @@ class DefineByRun:
         for key, dim in self.conditional:
             if dim.applies(point):
                 point[key] = dim.suggest(trial, key)
-        if len(self.seeds) > 1:
-            trial.suggest_categorical("seed", self.seeds)
-            return None
-        return {"seed": self.seeds[0]}
+        return {"seed": self.seeds[0]}  # one seed: the spec refuses several for sampled searches
 
 
 def searcher(spec: SweepSpec):

@@ -8,7 +8,6 @@ with its YAML path and the allowed values, and nothing runs.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -24,6 +23,7 @@ from sweeps.space import Dimension
 __all__ = ["MAX_GRID_TRIALS", "SpecError", "SweepSpec", "load_spec", "shipped_specs"]
 
 MAX_GRID_TRIALS = 10_000  # a typo like 1e4 values in a grid should not start a month of trials
+_INACTIVE = object()  # a conditional dimension whose `when` does not hold
 
 
 class SpecError(ValueError):
@@ -131,6 +131,10 @@ class SweepSpec(_Strict):
             bad = [k for k, d in self.space.items() if not d.is_grid]
             raise ValueError(f"space: {bad} are distributions; search.algorithm 'grid' takes grid dimensions "
                              "only (use random, tpe or multi_objective)")
+        if self.search.algorithm != "grid" and len(self.seeds) > 1:
+            raise ValueError("seeds: random, tpe and multi_objective searches sample one configuration per trial, "
+                             "so several seeds would be searched over (selection bias), not repeated; give one seed "
+                             "and repeat the chosen configurations over seeds with a grid spec")
         if self.search.algorithm == "multi_objective" and self.scheduler.name != "none":
             raise ValueError("scheduler: ASHA stops on one metric; use scheduler.name 'none' with multi_objective")
         return self
@@ -151,15 +155,18 @@ class SweepSpec(_Strict):
         return self.search.num_samples
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """Every assignment of the grid dimensions, conditional ones only where their `when` holds."""
+        """Every assignment of the grid dimensions, conditional ones only where their `when` holds.
+
+        A grid value may be null (e.g. ``adversarial: [null, {...}]`` unsets a base value); an inactive
+        conditional dimension is left out of the point altogether."""
         plain = [(k, d.grid) for k, d in self.space.items() if d.when is None]
         conditional = [(k, d) for k, d in self.space.items() if d.when is not None]
         points = []
         for values in itertools.product(*(g for _, g in plain)):
             partial = [dict(zip([k for k, _ in plain], values, strict=True))]
             for key, dim in conditional:
-                partial = [{**p, key: v} for p in partial for v in (dim.grid if dim.applies(p) else [None])]
-            points.extend({k: v for k, v in p.items() if v is not None} for p in partial)
+                partial = [{**p, key: v} for p in partial for v in (dim.grid if dim.applies(p) else [_INACTIVE])]
+            points.extend({k: v for k, v in p.items() if v is not _INACTIVE} for p in partial)
         return points
 
     def trial_config(self, point: dict[str, Any], seed: int) -> Any:
@@ -172,9 +179,6 @@ class SweepSpec(_Strict):
         nested["seed"] = seed
         return TrainConfig.from_dict(nested)
 
-    def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
-
     def smoke(self) -> SweepSpec:
         """The same sweep shrunk to seconds: one epoch of a few batches, small evaluation, one seed."""
         data = self.model_dump()
@@ -186,8 +190,10 @@ class SweepSpec(_Strict):
         data["seeds"] = data["seeds"][:1]
         ev = data["evaluation"]
         ev["max_examples"] = min(ev["max_examples"], 64)
+        keep = {ev["primary_eps"]} if ev.get("primary_eps") is not None else set()
         for attack in ev["attacks"]:
-            attack["eps"] = attack["eps"][:2]
+            eps = attack["eps"]
+            attack["eps"] = sorted({eps[0], eps[-1]} | (keep & set(eps)))  # both ends and the primary ε
             if "steps" in attack:
                 attack["steps"] = min(attack["steps"], 3)
         data["search"]["num_samples"] = min(data["search"]["num_samples"], 2)

@@ -73,6 +73,8 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     params["sweep.point"] = _describe(point)
     run_id = logger.start_trial(context.sweep_id, trial_id, params, parent_run_id=context.parent_run_id,
                                 run_name=f"{trial_id} {_describe(point)} seed={seed}")
+    logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
+    ended = False
     try:
         d = train_config.data
         data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
@@ -95,14 +97,19 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
         logger.log_metrics(run_id, final, step=result.trainer.epoch)
         logger.end_run(run_id, "FINISHED")
+        ended = True
         # Tune's last result is what searchers and `best` read: give it the final clean metrics too.
         tune.report({**result.trainer.evaluate(), **final})
-    except SystemExit:  # Tune stops a trial the scheduler pruned by exiting its thread at a report
-        logger.end_run(run_id, "FINISHED", stop_reason=f"stopped early by the {spec.scheduler.name} scheduler")
+    except SystemExit:
+        # Tune ends a trial's thread at a report when the scheduler stops it, and when the driver shuts down:
+        # only the driver knows which, so its callbacks (and the launcher) close the run.
         raise
     except BaseException as err:
-        logger.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
-        logger.end_run(run_id, "FAILED", error=err)
+        if not ended:
+            try:
+                logger.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+            finally:
+                logger.end_run(run_id, "FAILED", error=err)
         raise
 
 

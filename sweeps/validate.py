@@ -132,11 +132,12 @@ def _fails(attack) -> bool:
 
 def metric_names(spec: SweepSpec) -> set[str]:
     """The metric keys a trial of this spec reports (what objectives and queries can name)."""
-    from gce.evaluate import format_eps
+    from gce.evaluate import format_eps, norm_of
 
     names = set(PER_EPOCH_METRICS) | {"val/eval_clean_acc", "time/train_s", "time/eval_s"}
     names |= {f"val/latent/{k}" for k in ("silhouette", "inter_class", "intra_class", "inter_intra_ratio")}
     splits = ["val", "test"] if spec.evaluation.test else ["val"]
+    group = "robust_acc" if spec.evaluation.standalone else "robust_acc_chain"  # chain numbers are cumulative
     for split in splits:
         names.add(f"{split}/clean_acc")
         if not spec.evaluation.attacks:
@@ -146,8 +147,10 @@ def metric_names(spec: SweepSpec) -> set[str]:
             if _fails(attack):
                 continue
             for cfg in attack.configs():
-                names.add(f"{split}/robust_acc/{cfg.label()}/eps={format_eps(cfg.eps)}")
-                names.add(f"{split}/robust_acc/worst_case/eps={format_eps(cfg.eps)}")
+                norm = norm_of(cfg)
+                worst = "worst_case" if norm == "linf" else f"worst_case-{norm}"
+                names.add(f"{split}/{group}/{cfg.label()}/eps={format_eps(cfg.eps)}")
+                names.add(f"{split}/robust_acc/{worst}/eps={format_eps(cfg.eps)}")
     return names
 
 

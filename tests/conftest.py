@@ -86,7 +86,10 @@ def postgres():
     """A PostgreSQL cluster with password (scram) auth, role and database ``mlflow``; durability off for speed."""
     bindir = postgres_bindir()
     require(bindir is not None, "PostgreSQL server binaries not found (apt-get install postgresql)")
-    psycopg = pytest.importorskip("psycopg")
+    try:
+        import psycopg
+    except ImportError:
+        require(False, "psycopg is not installed (pip install 'psycopg[binary]')")
     root = Path(tempfile.mkdtemp(prefix="gce-pg-"))
     as_pg = _runas_postgres(root)
     superpass, password, port = "super-" + os.urandom(6).hex(), "mlflow-" + os.urandom(6).hex(), _free_port()

@@ -117,6 +117,24 @@ def test_result_only_flags_on_known_numbers():
     assert not chain.raised and all(f.status == "skipped" for f in chain.flags)
 
 
+def test_quiet_when_mixing_norms_and_attack_losses():
+    """No false alarm from comparing across norms (C&W-L2 at eps=inf after L-inf 0.3) or across attack losses
+    (a weak training-loss PGD against a CE FGSM): each series is compared like with like."""
+    attacks = [AttackConfig(name="fgsm", eps=0.3), AttackConfig(name="pgd", eps=0.3, loss="train"),
+               AttackConfig(name="pgd", eps=0.3), AttackConfig(name="cw_l2", eps=math.inf, steps=10)]
+    result = fake_result({("fgsm", 0.3): 0.30, ("pgd-train", 0.3): 0.45, ("pgd", 0.3): 0.05,
+                          ("cw_l2", math.inf): 0.0}, attacks)
+    result.worst_case = {("linf", 0.3): 0.05, ("l2", math.inf): 0.25}
+    diagnosis = diagnose(result)
+    assert "accuracy_rises_with_eps" not in diagnosis.raised_names
+    assert "iterative_weaker_than_single_step" not in diagnosis.raised_names
+    # ... while an iterative attack weaker than FGSM *with the same loss* is still caught.
+    attacks.append(AttackConfig(name="fgsm", eps=0.3, loss="train"))
+    result = fake_result({("fgsm", 0.3): 0.30, ("pgd-train", 0.3): 0.45, ("pgd", 0.3): 0.05,
+                          ("cw_l2", math.inf): 0.0, ("fgsm-train", 0.3): 0.2}, attacks)
+    assert "pgd-train 0.450 > fgsm-train 0.200" in diagnose(result)["iterative_weaker_than_single_step"].detail
+
+
 def test_flag_and_diagnosis_helpers():
     d = Diagnosis([Flag("a", True, "why", {"x": 1.0}), Flag("b", False, "fine"), Flag("c", False, "n/a", skipped=True)])
     assert d.raised and d.raised_names == ["a"]

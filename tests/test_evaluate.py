@@ -230,3 +230,13 @@ def test_confusion_matrix_agrees_with_clean_accuracy(model, mnist5k):
     assert cm.shape == (10, 10) and int(cm.sum()) == N
     assert cm.trace().item() / N == pytest.approx(res.clean_acc)
     assert torch.equal(cm.sum(1), torch.bincount(next(batches(mnist5k.test, N, max_examples=N))[1], minlength=10))
+
+
+def test_worst_case_never_rises_with_eps(model, mnist5k):
+    """Nested balls: a point fooled at a small radius counts as fooled at every larger one."""
+    attacks = expand_eps(AttackConfig(name="pgd", steps=3, step_size=0.05), [0.05, 0.1, 0.2])
+    result = evaluate_robustness(model, mnist5k.test, attacks, max_examples=N)
+    flags = [result.worst_robust[("linf", e)] for e in (0.05, 0.1, 0.2)]
+    assert all(((b & ~a) == 0).all() for a, b in zip(flags, flags[1:], strict=False))
+    accs = [result.worst_case[("linf", e)] for e in (0.05, 0.1, 0.2)]
+    assert accs == sorted(accs, reverse=True)

@@ -68,6 +68,15 @@ def test_paper_normalised_values_lie_in_minus_one_zero():
     assert guided_complement_entropy(flat, torch.tensor([3])).item() == pytest.approx(-1.0, abs=1e-5)
 
 
+def test_cot_code_normalisation_divides_by_the_class_count():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(16, 10, generator=g)
+    target = torch.randint(0, 10, (16,), generator=g)
+    classes = complement_entropy(logits, target, normalization="classes")
+    paper = complement_entropy(logits, target, normalization="paper")
+    assert classes.item() == pytest.approx(paper.item() * math.log(9) / 10, rel=1e-6)
+
+
 def test_alpha_zero_is_normalised_complement_entropy():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(32, 7, generator=g)

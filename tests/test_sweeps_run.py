@@ -101,6 +101,7 @@ def test_asha_stops_a_bad_trial_early(ray_local, mlflow_server, tmp_path):
     by_lr = {float(r.data.params["optim.lr"]): r for r in children}
     good, bad = by_lr[3e-3], by_lr[1e-7]
     assert [m.step for m in client.get_metric_history(good.info.run_id, "val/clean_acc")] == [1, 2, 3, 4]
+    assert good.info.status == "FINISHED" and "stop_reason" not in good.data.tags  # ran to the end
     bad_epochs = [m.step for m in client.get_metric_history(bad.info.run_id, "val/clean_acc")]
     assert len(bad_epochs) < 4
     assert bad.info.status == "FINISHED" and "stopped early" in bad.data.tags["stop_reason"]

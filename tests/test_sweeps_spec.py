@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from sweeps.cli import app
 from sweeps.spec import MAX_GRID_TRIALS, SpecError, load_spec, shipped_specs
-from sweeps.validate import metric_names
+from sweeps.validate import check_semantics, metric_names
 
 BASE = {"name": "t", "experiment": "e", "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet5"}}}
 ATTACKS = {"attacks": [{"name": "fgsm", "eps": [0.1, 0.3]}, {"name": "pgd", "eps": [0.1, 0.3], "steps": 5}]}
@@ -27,6 +27,7 @@ def test_every_shipped_spec_validates_and_smokes():
         assert smoke.trial_count() <= loaded.trial_count()
         cfg = smoke.trial_config(*_first(smoke))
         assert cfg.epochs == 1 and cfg.max_batches is not None
+        assert check_semantics(smoke) == [], name  # the shrunk spec is as valid as the original
 
 
 def _first(s):
@@ -108,6 +109,8 @@ BAD_SPECS = [
     ("bad name", spec(name="has space"), "name"),
     ("not a mapping", "- just\n- a list\n", "must be a mapping"),
     ("YAML syntax error", "name: [unclosed\n", "not valid YAML"),
+    ("several seeds in a sampled search", spec(space={"optim.lr": {"loguniform": [1e-4, 1e-2]}}, seeds=[0, 1],
+                                               search={"algorithm": "tpe", "num_samples": 4}), "seeds:"),
     ("empty eps list", spec(evaluation={"attacks": [{"name": "fgsm", "eps": []}]}), "evaluation.attacks.0.eps"),
 ]
 
@@ -148,3 +151,10 @@ def test_set_overrides_reach_base_space_and_seeds():
         load_spec("quickstart", ["base.epochs"])
     with pytest.raises(SpecError, match="train.epochs"):
         load_spec("quickstart", ["base.epochs=0"])
+
+
+def test_a_null_grid_value_unsets_the_base_value():
+    s = load_spec(spec(base={**BASE["base"], "adversarial": {"name": "pgd", "eps": 0.1, "steps": 2}},
+                       space={"adversarial": [None, {"name": "pgd", "eps": 0.3, "steps": 5}]}))
+    configs = [s.trial_config(p, 0) for p in s.grid_points()]
+    assert configs[0].adversarial is None and configs[1].adversarial.eps == 0.3

@@ -59,8 +59,9 @@ def test_checkpoint_round_trip_gives_identical_predictions(mnist5k, tmp_path):
     assert set(state) >= {"config", "model", "optimizer", "epoch"}
 
 
-def test_resume_continues_to_the_same_weights(mnist5k, tmp_path):
-    cfg = config(epochs=2, max_batches=15, optim={"name": "sgd", "lr": 0.05},
+@pytest.mark.parametrize("loss", ["gce", "cot"])  # COT: two optimisers, both must resume
+def test_resume_continues_to_the_same_weights(mnist5k, tmp_path, loss):
+    cfg = config(epochs=2, max_batches=15, optim={"name": "adam", "lr": 1e-3}, loss={"name": loss},
                  schedule={"name": "cosine"})
     straight = fit(cfg, data=mnist5k)
     ckpt = tmp_path / "epoch1.pt"

@@ -96,6 +96,11 @@ class RunLogger:
             self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, status)
 
+    def clear_error(self, run_id: str) -> None:
+        """Drop the ``error`` tag of an earlier, failed attempt of a run that is being retried."""
+        if "error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "error")
+
     def close_orphans(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
         """End as KILLED the sweep's trial runs still RUNNING (their driver died), except ``keep``; a resumed
         trial then reopens its own run with ``start_trial``. Returns the closed run ids."""

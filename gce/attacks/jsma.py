@@ -105,7 +105,10 @@ class JSMA(Attack):
             beta = sign * grad_all.flatten(1) - alpha
             with torch.no_grad():
                 p, q, score = self._best_pairs(alpha, beta, domain[rows])
-                go = (logits.argmax(1) != target[rows]) & (score > 0)
+                pred = logits.argmax(1)
+                go = (pred != target[rows]) & (score > 0)
+                if not self.targeted:  # untargeted: done as soon as the true class is lost, whatever the target
+                    go &= pred == y[rows]
                 rows, p, q = rows[go], p[go], q[go]
                 for feature in (p, q):
                     flat[rows, feature] = (flat[rows, feature] + self.theta).clamp(0.0, 1.0)

@@ -27,6 +27,9 @@ class DatasetSpec:
 _MNIST = dict(num_classes=10, input_shape=(1, 28, 28), mean=(0.1307,), std=(0.3081,), augment="none")
 _CIFAR = dict(input_shape=(3, 32, 32), augment="crop_flip")
 
+# The val split's stream tag: far from any epoch number, so it never replays a loader epoch's permutation.
+VAL_STREAM = 2**31 - 1
+
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(DatasetInfo("mnist", **_MNIST), _sources.torchvision_loader("MNIST", "mnist")),
     "fashion_mnist": DatasetSpec(
@@ -83,7 +86,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     spec = DATASETS[key]
     full, test = spec.load(resolve_root(root), download)
     k = _val_count(val_size, len(full))
-    rest, val = stratified_split(full.labels, k, seeded_generator(seed, 1))  # 1: the stream for the val split
+    rest, val = stratified_split(full.labels, k, seeded_generator(seed, VAL_STREAM))
     if limit is not None:
         rest = rest[:limit]  # rest is shuffled, so this is a random, near-stratified subset
     return DataBundle(spec.info, full.select(rest), full.select(val), test)

@@ -1,0 +1,122 @@
+"""Resume after the sweep driver is killed (-9): every trial once in MLflow, finished trials kept, the
+interrupted trial continuing from its checkpoint, nothing left RUNNING. Real processes throughout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tracking.logger import ROLE_TAG, SWEEP_TAG
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 6
+SPEC = {
+    "name": "resume", "experiment": "test-resume",
+    "base": {"data": {"dataset": "mnist5k", "limit": 1024}, "model": {"name": "mlp", "kwargs": {"hidden": 32}},
+             "optim": {"name": "adam", "lr": 3e-3}, "epochs": EPOCHS, "batch_size": 32, "max_batches": 24},
+    "space": {"loss.name": ["ce", "gce", "cot"]},
+    "evaluation": {"max_examples": 64, "attacks": [{"name": "fgsm", "eps": [0.1]}]},
+    "resources": {"cpu": 1}, "max_concurrent_trials": 1,
+}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's GCS, raylet and workers outlive a killed driver)."""
+    table = [line.split() for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True,
+                                                     text=True).stdout.splitlines()]
+    children: dict[int, list[int]] = {}
+    for child, parent in table:
+        children.setdefault(int(parent), []).append(int(child))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def trial_runs(client: MlflowClient, sweep_id: str):
+    exp = client.get_experiment_by_name("test-resume")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND tags.`{ROLE_TAG}` = 'trial'")
+
+
+def test_kill_driver_then_resume(mlflow_server, tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(SPEC))
+    results = tmp_path / "ray_results"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "GCE_RAY_RESULTS": str(results),
+           "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = MlflowClient(mlflow_server.url)
+    ray_pids: list[int] = []
+    try:
+        deadline = time.time() + 300
+        sweep_id = None
+        while time.time() < deadline:  # kill once one trial has finished and the next is mid-training
+            time.sleep(0.5)
+            if sweep_id is None:
+                found = [p.name for p in results.glob("resume-*")] if results.exists() else []
+                sweep_id = found[0] if found else None
+                continue
+            runs = trial_runs(client, sweep_id)
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING"]
+            if finished and running and len(client.get_metric_history(running[0].info.run_id, "train/loss")) >= 2:
+                break
+        else:
+            pytest.fail("the sweep never reached the point to kill it")
+        ray_pids = descendants(driver.pid)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_all(ray_pids)  # what a dead driver leaves behind (ENVIRONMENT.md: orphans ignore SIGTERM)
+        before = {r.data.tags["gce.trial_id"]: r for r in trial_runs(client, sweep_id)}
+        done_before = {t for t, r in before.items() if r.info.status == "FINISHED"}
+        interrupted = {t for t, r in before.items() if r.info.status == "RUNNING"}
+        assert done_before and interrupted
+
+        resume = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", sweep_id], env=env,
+                                capture_output=True, text=True, timeout=600, start_new_session=True)
+        assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+        assert "closed 1 orphaned run(s) as KILLED" in resume.stdout
+    finally:
+        if driver.poll() is None:
+            ray_pids += descendants(driver.pid)
+            os.kill(driver.pid, signal.SIGKILL)
+        kill_all(ray_pids)
+
+    after = trial_runs(client, sweep_id)
+    ids = Counter(r.data.tags["gce.trial_id"] for r in after)
+    assert len(ids) == 3 and set(ids.values()) == {1}  # every trial exactly once: no duplicate runs
+    assert {r.info.status for r in after} == {"FINISHED"}  # none left RUNNING or KILLED
+    for run in after:
+        steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+        assert sorted(steps) == list(range(1, EPOCHS + 1))
+        trial = run.data.tags["gce.trial_id"]
+        if trial in done_before:  # kept, not re-run
+            assert set(steps.values()) == {1} and "gce.resumes" not in run.data.tags
+        if trial in interrupted:  # continued from its checkpoint, not from scratch
+            assert steps[1] == 1 and max(steps.values()) <= 2
+            assert run.data.tags.get("gce.resumes") == "1"
+    exp = client.get_experiment_by_name("test-resume")
+    parents = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND "
+                                                      f"tags.`{ROLE_TAG}` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
