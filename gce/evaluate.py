@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from gce.attacks import ATTACKS, AttackConfig, LossFn, build_attack, eval_mode
+from gce.attacks.base import check_int
 from gce.data import Split
 
 __all__ = ["RobustnessCurve", "RobustnessResult", "batches", "evaluate_robustness", "expand_eps", "format_eps",
@@ -119,9 +120,9 @@ def batches(data, batch_size: int = 500, *, device: torch.device | str | None = 
     """(x float in [0, 1], y int64) batches from a Split, an (images, labels) pair, a DeviceLoader or any
     iterable of batches. ``max_examples`` caps the count: a seeded random subset for a Split or a pair (splits
     may be sorted by class), the first batches of a loader."""
-    _check_positive("batch_size", batch_size)
+    check_int("batch_size", batch_size)
     if max_examples is not None:
-        _check_positive("max_examples", max_examples)
+        check_int("max_examples", max_examples)
     if isinstance(data, Split) or (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor)):
         images, labels = (data.images, data.labels) if isinstance(data, Split) else data
         if max_examples is not None and max_examples < len(labels):
@@ -268,8 +269,3 @@ def model_device(model: nn.Module) -> torch.device:
 def predict(model: nn.Module, x: Tensor) -> Tensor:
     """Predicted classes (B,) of a batch, without building a graph."""
     return model(x).argmax(1)
-
-
-def _check_positive(field_name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field_name} must be an integer >= 1; got {value!r}")

@@ -25,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "get_loss",
     "guided_complement_entropy",
+    "reduce_per_sample",
 ]
 
 NORMALIZATIONS = ("paper", "code", "classes")
@@ -49,12 +50,15 @@ def _check(logits: torch.Tensor, target: torch.Tensor, min_classes: int, reducti
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
 
 
-def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_per_sample(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply a loss reduction (mean, sum or none) to per-sample values; shared by every loss here and in attacks."""
     if reduction == "mean":
         return per_sample.mean()
     if reduction == "sum":
         return per_sample.sum()
-    return per_sample
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -103,7 +107,7 @@ def complement_entropy(
     """
     _check(logits, target, 3, reduction)
     _, neg_entropy = _complement_terms(logits, target)
-    return _reduce(neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
+    return reduce_per_sample(neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
 
 
 def guided_complement_entropy(
@@ -123,7 +127,7 @@ def guided_complement_entropy(
     _check(logits, target, 3, reduction)
     log_y_g, neg_entropy = _complement_terms(logits, target)
     guide = torch.exp(alpha * log_y_g)
-    return _reduce(guide * neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
+    return reduce_per_sample(guide * neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
 
 
 #: Loss name -> function(logits, target, **kwargs). COT's "loss" is the complement step of its alternation.

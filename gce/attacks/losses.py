@@ -22,19 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gce.attacks.base import LossFn, check_number
-from gce.losses import NORMALIZATIONS, complement_entropy, cross_entropy, guided_complement_entropy
+from gce.losses import NORMALIZATIONS, complement_entropy, cross_entropy, guided_complement_entropy, reduce_per_sample
 
 __all__ = ["ATTACK_LOSSES", "dlr_loss", "get_attack_loss", "margin_loss"]
-
-
-def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_sample
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'); got {reduction!r}")
 
 
 def _label_and_best_other(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,7 +51,7 @@ def margin_loss(
     margin = other - z_y
     if kappa is not None:
         margin = margin.clamp(min=-kappa) if targeted else margin.clamp(max=kappa)
-    return _reduce(margin, reduction)
+    return reduce_per_sample(margin, reduction)
 
 
 def dlr_loss(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
@@ -74,7 +64,7 @@ def dlr_loss(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     z = logits.float()
     top3 = z.topk(3, dim=1).values
     z_y, other = _label_and_best_other(z, y)
-    return _reduce(-(z_y - other) / (top3[:, 0] - top3[:, 2] + 1e-12), reduction)
+    return reduce_per_sample(-(z_y - other) / (top3[:, 0] - top3[:, 2] + 1e-12), reduction)
 
 
 def _ce(**_: object) -> LossFn:
