@@ -7,6 +7,8 @@ model's gradients rather than by its robustness; each is a flag here:
 
 - ``iterative_weaker_than_single_step``: an iterative attack (BIM/PGD/MIM/APGD) leaves more accuracy than FGSM.
 - ``accuracy_rises_with_eps`` / ``accuracy_rises_with_steps``: a larger budget should never help the model.
+- ``attack_loss_weaker_than_ce``: the same attack with another loss (e.g. the training loss, as the paper
+  attacks GCE models) leaves more accuracy than with CE: that loss's gradients, not robustness, set the number.
 - ``unbounded_attack_fails``: with ε covering the whole input box (L∞ ε = 1) or C&W's unbounded ε, any
   non-constant classifier can be driven to ~0 %.
 - ``zero_gradients``: input gradients that are exactly zero (or non-finite) under CE or the training loss,
@@ -33,9 +35,10 @@ from gce.losses import cross_entropy
 __all__ = ["CHECKS", "CheckConfig", "Diagnosis", "Flag", "Measurement", "diagnose", "measurements", "run_checks"]
 
 ITERATIVE = frozenset({"bim", "pgd", "mim", "apgd"})
-#: The flags ``run_checks`` returns, in order (``diagnose`` returns the first four).
+#: The flags ``run_checks`` returns, in order (``diagnose`` returns the first five).
 CHECKS = ("iterative_weaker_than_single_step", "accuracy_rises_with_eps", "accuracy_rises_with_steps",
-          "unbounded_attack_fails", "zero_gradients", "black_box_stronger", "transfer_stronger")
+          "unbounded_attack_fails", "attack_loss_weaker_than_ce", "zero_gradients", "black_box_stronger",
+          "transfer_stronger")
 
 
 @dataclass
@@ -188,6 +191,25 @@ def _iterative_vs_single(ms: list[Measurement], tol: float) -> Flag:
     return Flag(name, bool(bad), "; ".join(bad) or f"iterative attacks beat FGSM (tol {tol})", values)
 
 
+def _loss_weaker_than_ce(ms: list[Measurement], tol: float) -> Flag:
+    """The same attack and budget with another loss (the training loss, GCE, ...) leaves more accuracy than with
+    CE: numbers under that loss measure the loss's gradients, not the model's robustness (the paper attacks GCE
+    models with the GCE loss only)."""
+    name, bad, values, compared = "attack_loss_weaker_than_ce", [], {}, 0
+    ce = {(m.source, m.attack, m.norm, m.eps, m.steps): m for m in ms if m.loss == "ce"}
+    for m in ms:
+        ref = ce.get((m.source, m.attack, m.norm, m.eps, m.steps))
+        if ref is None or m.loss in ("ce", "-"):
+            continue
+        compared += 1
+        values.update({m.key(): m.acc, ref.key(): ref.acc})
+        if m.acc > ref.acc + tol:
+            bad.append(f"{m.label} {m.acc:.3f} > {ref.label} {ref.acc:.3f} at eps={format_eps(m.eps)} ({m.source})")
+    if not compared:
+        return Flag(name, False, "skipped: no attack run with both CE and another loss", skipped=True)
+    return Flag(name, bool(bad), "; ".join(bad) or f"no attack loss is weaker than CE (tol {tol})", values)
+
+
 def _unbounded(ms: list[Measurement], max_acc: float) -> Flag:
     name = "unbounded_attack_fails"
     unbounded = [m for m in ms if m.attack != "worst_case" and (math.isinf(m.eps) or (m.norm == "linf" and m.eps >= 1))]
@@ -200,7 +222,8 @@ def _unbounded(ms: list[Measurement], max_acc: float) -> Flag:
 
 
 def diagnose(result: RobustnessResult, config: CheckConfig | None = None) -> Diagnosis:
-    """The flags an evaluation alone can raise (no new attacks): iterative vs single step, ε, steps, unbounded.
+    """The flags an evaluation alone can raise (no new attacks): iterative vs single step, ε, steps, unbounded,
+    attack loss.
     Needs a standalone evaluation: chain-mode accuracies are cumulative, so every flag comes back skipped."""
     return _diagnose(measurements(result), config or CheckConfig())
 
@@ -214,6 +237,7 @@ def _diagnose(ms: list[Measurement], cfg: CheckConfig) -> Diagnosis:
         _rising("accuracy_rises_with_steps", ms, lambda m: (m.source, m.label, m.norm, m.eps), lambda m: m.steps,
                 tol, "steps"),
         _unbounded(ms, cfg.unbounded_max_acc),
+        _loss_weaker_than_ce(ms, tol),
     ])
 
 

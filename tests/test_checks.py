@@ -62,7 +62,8 @@ class Quantised(nn.Module):
 
 def test_quiet_on_a_normally_trained_model(model, surrogate, mnist5k):
     attacks = (expand_eps(AttackConfig(name="fgsm"), [0.1, 0.3]) + expand_eps(AttackConfig(name="pgd", steps=10),
-                                                                              [0.1, 0.3]))
+                                                                              [0.1, 0.3])
+               + expand_eps(AttackConfig(name="pgd", steps=10, loss="cw"), [0.1, 0.3]))  # a margin loss vs CE
     result = evaluate_robustness(model, mnist5k.test, attacks, max_examples=N)
     diagnosis = run_checks(model, mnist5k.test, CheckConfig(max_examples=N), result=result,
                            train_loss=cross_entropy, surrogate=surrogate)
@@ -133,6 +134,15 @@ def test_quiet_when_mixing_norms_and_attack_losses():
     result = fake_result({("fgsm", 0.3): 0.30, ("pgd-train", 0.3): 0.45, ("pgd", 0.3): 0.05,
                           ("cw_l2", math.inf): 0.0, ("fgsm-train", 0.3): 0.2}, attacks)
     assert "pgd-train 0.450 > fgsm-train 0.200" in diagnose(result)["iterative_weaker_than_single_step"].detail
+
+
+def test_attack_loss_weaker_than_ce_is_flagged():
+    """The paper's setting: FGSM with the GCE training loss leaves far more than FGSM with CE."""
+    attacks = [AttackConfig(name="fgsm", eps=0.3), AttackConfig(name="fgsm", eps=0.3, loss="train"),
+               AttackConfig(name="pgd", eps=0.3), AttackConfig(name="pgd", eps=0.3, loss="train")]
+    acc = {("fgsm", 0.3): 0.08, ("fgsm-train", 0.3): 0.47, ("pgd", 0.3): 0.0, ("pgd-train", 0.3): 0.01}
+    flag = diagnose(fake_result(acc, attacks))["attack_loss_weaker_than_ce"]
+    assert flag.raised and "fgsm-train 0.470 > fgsm 0.080" in flag.detail and "pgd-train" not in flag.detail
 
 
 def test_flag_and_diagnosis_helpers():
