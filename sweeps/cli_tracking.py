@@ -1,4 +1,4 @@
-"""``gce-sweep ui | server | best | compare``: the tracking server and queries on it.
+"""``gce-sweep ui | server | best | compare | report``: the tracking server and queries on it.
 
 Lives in sweeps/ because the CLI does, but imports only tracking/ (and that lazily, inside the commands), so
 ``gce-sweep --help`` stays fast and these commands never start Ray.
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
     app.command()(ui)
     app.command()(best)
     app.command()(compare)
+    app.command()(report)
     app.add_typer(server_app, name="server")
 
 
@@ -107,6 +108,37 @@ def compare(experiment: Annotated[str, typer.Argument(help="Experiment (study) n
     with _errors():
         groups = compare_runs(_client(tracking_uri), experiment, metric, mode, filter_string, ignore_param or ())
     _show(render(compare_records(groups, metric), fmt, f"{experiment}: {len(groups)} configurations by {metric}"))
+
+
+def report(target: Annotated[str, typer.Argument(help="Experiment name, or a sweep's parent run id.")],
+           out: Annotated[Path | None, typer.Option(help="Folder for report.md, report.html and the plots.")] = None,
+           split: Annotated[str, typer.Option(help="Split of the robust-accuracy table: test or val.")] = "test",
+           tracking_uri: UriOption = None) -> None:
+    """Markdown and HTML report of a study or one sweep: robust accuracy by configuration × attack × ε (mean ±
+    std over seeds), latent clusters, masking diagnostics, plots. A sweep's report is also logged to its run."""
+    import re
+
+    from tracking.report import build_report, write_report
+
+    if split not in ("test", "val"):
+        raise typer.BadParameter(f"split must be 'test' or 'val'; got {split!r}", param_hint="--split")
+    with _errors():
+        client = _client(tracking_uri)
+        experiment, sweep_id, parent = target, None, None
+        if re.fullmatch(r"[0-9a-f]{32}", target):
+            parent = client.get_run(target)
+            experiment = client.get_experiment(parent.info.experiment_id).name
+            sweep_id = parent.data.tags.get("gce.sweep_id")
+        try:
+            built = build_report(client, experiment, sweep_id=sweep_id, split=split)
+        except ValueError as err:  # an experiment without finished trials
+            raise typer.BadParameter(str(err), param_hint="TARGET") from err
+        folder = out or Path("reports") / (sweep_id or experiment)
+        paths = write_report(built, folder)
+        if parent is not None:
+            for path in paths:
+                client.log_artifact(parent.info.run_id, str(path), "report")
+    typer.echo(f"report: {paths[0]} and {paths[1]}" + (f" (also logged to run {parent.info.run_id})" if parent else ""))
 
 
 def _client(tracking_uri: str | None):
