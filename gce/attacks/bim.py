@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gce.attacks.base import LossFn
 from gce.attacks.iterative import IterativeAttack
 
 if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+    pass
 
 __all__ = ["BIM"]
 
@@ -44,41 +43,3 @@ class BIM(IterativeAttack):
     """
 
     name: ClassVar[str] = "bim"
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "random_start", "loss", "alpha"})
-
-    def __init__(
-        self,
-        eps: float,
-        *,
-        norm: str | None = None,
-        steps: int = 10,
-        step_size: float | None = None,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-        random_start: bool | None = None,
-        restarts: int = 1,
-    ) -> None:
-        super().__init__(
-            eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            random_start=random_start,
-            restarts=restarts,
-            loss_fn=loss_fn,
-            targeted=targeted,
-        )
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> BIM:
-        """Build from an ``AttackConfig``."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            steps=cfg.steps,
-            step_size=cfg.step_size,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-            random_start=cfg.random_start,
-            restarts=cfg.restarts,
-        )

@@ -14,12 +14,15 @@ the batch *mean* with an additive 1e-10, which shortens its steps where gradient
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from gce.attacks.base import Attack, LossFn, ascent_direction, check_int, check_number, project, random_start_point
+
+if TYPE_CHECKING:
+    from gce.attacks.config import AttackConfig
 
 __all__ = ["IterativeAttack", "MomentumStep", "StepRule"]
 
@@ -66,6 +69,7 @@ class IterativeAttack(Attack):
     """
 
     default_random_start: ClassVar[bool] = False
+    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "random_start", "loss", "alpha"})
 
     def __init__(
         self,
@@ -92,6 +96,12 @@ class IterativeAttack(Attack):
         self.step_size = self.default_step_size(self.eps, steps) if step_size is None else step_size
         check_number("step_size", self.step_size)
         self.rule = StepRule() if rule is None else rule
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> IterativeAttack:
+        """Build from an ``AttackConfig`` (the fields every attack of the loop shares)."""
+        return cls(cfg.eps, norm=cfg.norm, steps=cfg.steps, step_size=cfg.step_size, random_start=cfg.random_start,
+                   restarts=cfg.restarts, loss_fn=loss_fn, targeted=cfg.targeted)
 
     @staticmethod
     def default_step_size(eps: float, steps: int) -> float:

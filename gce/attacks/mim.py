@@ -45,7 +45,6 @@ class MIM(IterativeAttack):
 
     name: ClassVar[str] = "mim"
     norms: ClassVar[tuple[str, ...]] = ("linf",)
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "random_start", "loss", "alpha"})
 
     def __init__(
         self,
@@ -74,15 +73,7 @@ class MIM(IterativeAttack):
 
     @classmethod
     def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> MIM:
-        """Build from an ``AttackConfig``."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            steps=cfg.steps,
-            step_size=cfg.step_size,
-            decay=cfg.decay,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-            random_start=cfg.random_start,
-            restarts=cfg.restarts,
-        )
+        """Build from an ``AttackConfig``: the loop's fields plus the momentum ``decay``."""
+        attack = super().from_config(cfg, loss_fn)
+        attack.rule = MomentumStep(cfg.decay)
+        return attack

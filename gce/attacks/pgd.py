@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from gce.attacks.base import LossFn
 from gce.attacks.iterative import IterativeAttack
 
 if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+    pass
 
 __all__ = ["PGD"]
 
@@ -47,46 +46,8 @@ class PGD(IterativeAttack):
 
     name: ClassVar[str] = "pgd"
     default_random_start: ClassVar[bool] = True
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "random_start", "loss", "alpha"})
-
-    def __init__(
-        self,
-        eps: float,
-        *,
-        norm: str | None = None,
-        steps: int = 10,
-        step_size: float | None = None,
-        random_start: bool | None = None,
-        restarts: int = 1,
-        loss_fn: LossFn | None = None,
-        targeted: bool = False,
-    ) -> None:
-        super().__init__(
-            eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            random_start=random_start,
-            restarts=restarts,
-            loss_fn=loss_fn,
-            targeted=targeted,
-        )
 
     @staticmethod
     def default_step_size(eps: float, steps: int) -> float:
         """Madry et al.'s 2.5 · ε / steps."""
         return 2.5 * eps / steps
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> PGD:
-        """Build from an ``AttackConfig``."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            steps=cfg.steps,
-            step_size=cfg.step_size,
-            random_start=cfg.random_start,
-            restarts=cfg.restarts,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-        )
