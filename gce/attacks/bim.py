@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from gce.attacks.iterative import IterativeAttack
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["BIM"]
 
