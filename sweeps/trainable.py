@@ -8,6 +8,7 @@ by (sweep id, trial id), so a restored trial continues its run and its epoch cou
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 import traceback
@@ -102,12 +103,17 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         tune.report({**result.trainer.evaluate(), **final})
     except SystemExit:
         # Tune ends a trial's thread at a report when the scheduler stops it, and when the driver shuts down:
-        # only the driver knows which, so its callbacks (and the launcher) close the run.
+        # only the driver knows which, so its callbacks (and the launcher) close the run. Metrics still queued
+        # (the server was away) are delivered first, or said to be lost.
+        try:
+            logger.flush()
+        except Exception as err:  # the stop must go on: the loss is reported, not hidden
+            print(f"trial {trial_id}: metrics not stored: {err}", file=sys.stderr)
         raise
     except BaseException as err:
         if not ended:
             try:
-                logger.client.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+                logger.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
             finally:
                 logger.end_run(run_id, "FAILED", error=err)
         raise

@@ -4,6 +4,8 @@
 - ``postgres``: a throw-away PostgreSQL cluster on a free loopback port (Debian's binaries; as root via runuser).
 - ``mlflow_postgres``: ``mlflow db upgrade`` then ``server_command(...)`` on that cluster, the way the compose
   stack runs them, with the password in PGPASSWORD as in the stack.
+- ``own_server``: a fresh embedded server per test, for tests that stop, crash (``crash_server``) and restart it.
+- ``auth_server``: the compose `auth` profile's basic-auth server, with the shipped ini, on SQLite.
 - ``tracking_uri``: parametrised over both, for contract tests that every storage backend must pass.
 
 Outside CI a missing PostgreSQL skips with the reason; under CI=true it fails instead.
@@ -136,6 +138,75 @@ def mlflow_postgres(postgres, fast_tmp):
     try:
         wait_healthy(url, 120, proc, log)
         yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def own_server(fast_tmp):
+    """(root, ServerInfo) of a fresh embedded server that the test may stop, crash and restart on its port."""
+    import uuid
+
+    from tracking.server import ensure_server, stop_server
+
+    root = fast_tmp / f"own-{uuid.uuid4().hex[:8]}"
+    info = ensure_server(root, port=_free_port())
+    yield root, info
+    stop_server(root)
+
+
+def crash_server(pid: int) -> None:
+    """kill -9 a server's whole process group (tracking.server starts it in its own session), as a crash would,
+    and wait until it is gone."""
+    import time
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # our own child: reap it, or its zombie keeps the group alive
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"server process group {pid} survived SIGKILL")
+
+
+AUTH_ADMIN_PASSWORD = "admin-password-123"
+
+
+@pytest.fixture(scope="session")
+def auth_server(fast_tmp):
+    """The compose `auth` profile's server: the same command plus --app-name basic-auth, with the shipped
+    docker/basic_auth.ini (only its user database moved to a scratch folder), on SQLite."""
+    from tracking.connection import free_port
+    from tracking.server import SERVER_ENV, mlflow_executable, server_command, wait_healthy
+
+    root = fast_tmp / "auth"
+    root.mkdir()
+    shipped = (Path(__file__).resolve().parents[1] / "docker" / "basic_auth.ini").read_text()
+    ini = "\n".join(f"database_uri = sqlite:///{root}/auth.db" if line.startswith("database_uri") else line
+                    for line in shipped.splitlines())
+    (root / "auth.ini").write_text(ini + "\n")
+    port = free_port()
+    argv = server_command(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), port=port, app_name="basic-auth",
+                          executable=mlflow_executable())
+    env = {**os.environ, **SERVER_ENV, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_AUTH_ADMIN_PASSWORD": AUTH_ADMIN_PASSWORD}
+    with (root / "server.log").open("wb") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 120, proc, root / "server.log")
+        yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -58,7 +58,7 @@ def trial_runs(client: MlflowClient, sweep_id: str):
     return client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND tags.`{ROLE_TAG}` = 'trial'")
 
 
-def test_kill_driver_then_resume(mlflow_server, tmp_path):
+def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC))
     results = tmp_path / "ray_results"
@@ -105,6 +105,14 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path):
 
     after = trial_runs(client, sweep_id)
     ids = Counter(r.data.tags["gce.trial_id"] for r in after)
+    figures = {"trials": 3, "finished before the kill (kept)": len(done_before),
+               "killed mid-training": len(interrupted),
+               "resumed": sum(r.data.tags.get("gce.resumes") == "1" for r in after),
+               "runs lost": 3 - len(ids), "runs duplicated": sum(n - 1 for n in ids.values()),
+               "runs left RUNNING": sum(r.info.status == "RUNNING" for r in after),
+               "Ray processes cleaned up by PID": len(set(ray_pids))}
+    record_property("figures", figures)
+    print(f"\nFIGURES driver kill -9 + resume: {figures}")
     assert len(ids) == 3 and set(ids.values()) == {1}  # every trial exactly once: no duplicate runs
     assert {r.info.status for r in after} == {"FINISHED"}  # none left RUNNING or KILLED
     for run in after:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import AUTH_ADMIN_PASSWORD
 from typer.testing import CliRunner
 
 from sweeps.cli import app
@@ -20,13 +21,9 @@ from tracking.connection import (
     resolve_tracking_uri,
 )
 from tracking.server import (
-    SERVER_ENV,
     default_root,
     ensure_server,
-    mlflow_executable,
-    server_command,
     stop_server,
-    wait_healthy,
 )
 
 runner = CliRunner()
@@ -99,29 +96,6 @@ def test_an_unreachable_uri_fails_fast_and_names_it(monkeypatch):
     assert result.exit_code == 1 and uri in result.output and "Traceback" not in result.output
 
 
-@pytest.fixture(scope="module")
-def auth_server(fast_tmp):
-    """The auth profile's server (same command plus --app-name basic-auth) on SQLite."""
-    root = fast_tmp / "auth"
-    root.mkdir()
-    (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/auth.db\n"
-                                   "admin_username = admin\n")
-    port = free_port()
-    argv = server_command(f"sqlite:///{root}/mlflow.db", str(root / "artifacts"), port=port, app_name="basic-auth",
-                          executable=mlflow_executable())
-    env = {**os.environ, **SERVER_ENV, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key", "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-123"}
-    with (root / "server.log").open("wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                start_new_session=True)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", 120, proc, root / "server.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(20)
-
-
 def test_wrong_or_missing_credentials_are_a_clear_auth_error(auth_server, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
@@ -133,7 +107,7 @@ def test_wrong_or_missing_credentials_are_a_clear_auth_error(auth_server, monkey
         check_server(auth_server)
     result = runner.invoke(app, ["best", "x", "--tracking-uri", auth_server])
     assert result.exit_code == 1 and "rejected the login" in result.output
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-123")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", AUTH_ADMIN_PASSWORD)
     check_server(auth_server)
 
 

@@ -14,15 +14,20 @@ import time
 import urllib.error
 import urllib.request
 
-# The one place the client is configured. Retries: ≈ 1+2+4+8 s of back-off and 30 s per request at most, so a
-# trial whose server went away fails within about a minute instead of hanging for four. Ending a run would
-# otherwise fetch it again only to print its URL, and usage telemetry would call out from every trial.
+# The one place the client is configured. MLflow's own retries are short (≈ 2-4 s of back-off for a refused
+# connection, 30 s per request at most): tracking.logger.RunLogger retries on top of them for as long as
+# GCE_TRACKING_MAX_OUTAGE_S allows (metric points buffered meanwhile, the trial training on), so one failed
+# call returns within seconds instead of MLflow's default four minutes. Ending a run would otherwise fetch it
+# again only to print its URL, and usage telemetry would call out from every trial. The launcher hands these
+# to every trial, GCE_TRACKING_MAX_OUTAGE_S included.
+MAX_OUTAGE_ENV = "GCE_TRACKING_MAX_OUTAGE_S"
 CLIENT_ENV = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    MAX_OUTAGE_ENV: "300",
 }
 
 
@@ -111,8 +116,10 @@ def _request(url: str, timeout: float, body: dict | None = None) -> tuple[int | 
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """True when nothing listens on host:port (we could bind it)."""
+    """True when nothing listens on host:port (we could bind it). SO_REUSEADDR as the server itself binds, so
+    a server restarted on its old port is not sent elsewhere by the old connections' TIME_WAIT."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
