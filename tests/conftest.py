@@ -139,13 +139,7 @@ def mlflow_postgres(postgres, fast_tmp):
         wait_healthy(url, 120, proc, log)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 @pytest.fixture
@@ -208,13 +202,7 @@ def auth_server(fast_tmp):
         wait_healthy(f"http://127.0.0.1:{port}", 120, proc, root / "server.log")
         yield f"http://127.0.0.1:{port}"
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -243,3 +231,25 @@ def _free_port() -> int:
     from tracking.connection import free_port
 
     return free_port()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server's process group, SIGKILL it if it has not gone within 20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray with 2 CPUs for the sweep tests of one module, shut down after it."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()

@@ -33,16 +33,6 @@ PER_EPOCH = ["train/loss", "train/acc", "train/images_per_s", "train/epoch_time_
              "val/clean_acc"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def sweep(name: str, **fields):
     fields.setdefault("base", TINY)
     return load_spec({"name": name, "experiment": f"test-{name}", "evaluation": EVAL, "resources": {"cpu": 1},

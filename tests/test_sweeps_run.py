@@ -20,16 +20,6 @@ TINY = {"data": {"dataset": "mnist5k", "limit": 512}, "model": {"name": "mlp", "
 EVAL = {"max_examples": 64, "attacks": [{"name": "fgsm", "eps": [0.1, 0.2]}, {"name": "pgd", "eps": [0.2], "steps": 3}]}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
-
 def sweep(name: str, **fields):
     return load_spec({"name": name, "experiment": f"test-{name}", "base": TINY, "evaluation": EVAL,
                       "resources": {"cpu": 1}, **fields})
