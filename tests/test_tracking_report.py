@@ -13,7 +13,8 @@ from tracking.logger import RunLogger
 from tracking.report import build_report, to_html, to_markdown
 
 ROBUST = {  # (loss, seed) -> metrics
-    ("ce", 0): {"test/robust_acc/pgd/eps=0.1": 0.60, "test/robust_acc/worst_case/eps=0.1": 0.50},
+    ("ce", 0): {"test/robust_acc/pgd/eps=0.1": 0.60, "test/robust_acc/worst_case/eps=0.1": 0.50,
+                "test/robust_acc/fgsm-train/eps=0.3": 0.05},
     ("ce", 1): {"test/robust_acc/pgd/eps=0.1": 0.70, "test/robust_acc/worst_case/eps=0.1": 0.60},
     ("gce", 0): {"test/robust_acc/pgd/eps=0.1": 0.80, "test/robust_acc/worst_case/eps=0.1": 0.75},
     ("gce", 1): {"test/robust_acc/pgd/eps=0.1": 0.90, "test/robust_acc/worst_case/eps=0.1": 0.85},
@@ -26,8 +27,8 @@ def study(mlflow_server):
     log = RunLogger(mlflow_server.url, experiment)
     parent = log.start_sweep("sw-report", spec_name="fixture", spec_hash="h")
     for (loss, seed), metrics in ROBUST.items():
-        run = log.start_trial("sw-report", f"t-{loss}-{seed}", {"loss.name": loss, "train.seed": seed},
-                              parent_run_id=parent)
+        run = log.start_trial("sw-report", f"t-{loss}-{seed}", {"loss.name": loss, "train.seed": seed,
+                                                                "data.dataset": "mnist5k"}, parent_run_id=parent)
         log.log_metrics(run, {**metrics, "val/clean_acc": 0.9, "test/clean_acc": 0.95,
                               "val/latent/silhouette": 0.5, "val/robust_acc/worst_case": metrics[
                                   "test/robust_acc/worst_case/eps=0.1"]})
@@ -47,8 +48,11 @@ def test_report_tabulates_mean_std_n_and_diagnostics(study):
     md = to_markdown(report)
     gce_first = report.labels.index("loss.name=gce") == 0  # best worst-case mean first
     assert gce_first
-    assert "| pgd | 0.1 | 85.00 ± 7.07 (2) | 65.00 ± 7.07 (2) |" in md
-    assert "| worst_case | 0.1 | 80.00 ± 7.07 (2) | 55.00 ± 7.07 (2) |" in md
+    assert "| pgd | 0.1 | 85.00 ± 7.07 (2) | 65.00 ± 7.07 (2) |  |" in md
+    # The paper's number beside ours where the setting matches (MNIST, FGSM with the training loss, ε = 0.3).
+    assert "| fgsm-train | 0.3 | – | 5.00 (1) | XE 14.99 · GCE 47.21 |" in md
+    assert "pareto_front.png" in report.figures
+    assert "| worst_case | 0.1 | 80.00 ± 7.07 (2) | 55.00 ± 7.07 (2) |  |" in md
     assert "| attack_loss_weaker_than_ce | **raised 1/2** | ok 2/2 |" in md
     assert "fgsm-train 0.470 > fgsm 0.080" in md
     html = to_html(report)
