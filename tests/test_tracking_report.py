@@ -72,3 +72,14 @@ def test_report_on_an_unknown_experiment_is_a_clear_error(mlflow_server, tmp_pat
     result = CliRunner().invoke(app, ["report", "no-such-study", "--out", str(tmp_path),
                                       "--tracking-uri", mlflow_server.url])
     assert result.exit_code == 1 and "no experiment 'no-such-study'" in result.output
+
+
+def test_a_section_that_varies_as_a_whole_gets_one_short_label():
+    from tracking.queries import Group
+    from tracking.report import _label
+
+    adversarial = {"adversarial.name": "pgd", "adversarial.eps": "0.3", "adversarial.steps": "10",
+                   "adversarial.restarts": "1", "loss.name": "gce"}
+    varying = ["adversarial.eps", "adversarial.name", "adversarial.restarts", "adversarial.steps", "loss.name"]
+    assert _label(Group(adversarial), varying) == "adversarial=pgd eps=0.3 steps=10, loss.name=gce"
+    assert _label(Group({"loss.name": "ce"}), varying) == "adversarial=none, loss.name=ce"

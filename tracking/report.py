@@ -37,7 +37,20 @@ class Report:
 
 
 def _label(group: Group, varying: list[str]) -> str:
-    return ", ".join(f"{k}={_short(group.params.get(k, '-'))}" for k in varying) or "all runs"
+    """The varying params of a group; a section that varies as a whole (``adversarial.*``) as one short item."""
+    sections: dict[str, list[str]] = {}
+    for key in varying:
+        sections.setdefault(key.split(".")[0] if key.count(".") else key, []).append(key)
+    parts = []
+    for section, keys in sections.items():
+        if len(keys) < 3:
+            parts += [f"{k}={_short(group.params.get(k, '-'))}" for k in keys]
+            continue
+        values = {k.split(".", 1)[1]: group.params.get(k) for k in keys if group.params.get(k) is not None}
+        summary = " ".join(_short(values[k]) if k == "name" else f"{k}={_short(values[k])}"
+                           for k in ("name", "eps", "steps", "loss") if k in values)
+        parts.append(f"{section}={summary or 'none'}")
+    return ", ".join(parts) or "all runs"
 
 
 def _short(value: str) -> str:
