@@ -24,6 +24,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "TrainConfig",
+    "set_path",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -218,14 +219,23 @@ class TrainConfig:
     def from_flat(cls, flat: dict[str, Any]) -> TrainConfig:
         nested: dict[str, Any] = {}
         for key, value in flat.items():
-            parts = key.split(".")
-            if parts[0] == "train":
-                parts = parts[1:]
-            node = nested
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
+            set_path(nested, key, value)
         return cls.from_dict(nested)
+
+
+def set_path(nested: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted config path ("optim.lr", "train.epochs" = "epochs") in a nested dict, creating sections
+    (also over a null one, e.g. "adversarial.eps" when adversarial is null)."""
+    parts = path.split(".")
+    if parts[0] == "train":
+        parts = parts[1:]
+    node = nested
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
 
 
 def _flatten(out: dict[str, Any], prefix: str, value: Any) -> None:

@@ -171,11 +171,11 @@ class SweepSpec(_Strict):
 
     def trial_config(self, point: dict[str, Any], seed: int) -> Any:
         """The gce TrainConfig of one trial: the base with the point's values and the seed set."""
-        from gce.config import TrainConfig
+        from gce.config import TrainConfig, set_path
 
         nested = json.loads(json.dumps(self.base))
         for path, value in point.items():
-            _set(nested, path, value)
+            set_path(nested, path, value)
         nested["seed"] = seed
         return TrainConfig.from_dict(nested)
 
@@ -200,18 +200,6 @@ class SweepSpec(_Strict):
         data["name"] = f"{self.name}-smoke"
         data["experiment"] = f"{self.experiment}-smoke"  # smoke runs never mix with a study's real results
         return SweepSpec.model_validate(data)
-
-
-def _set(nested: dict[str, Any], path: str, value: Any) -> None:
-    parts = path.split(".")
-    if parts[0] == "train":
-        parts = parts[1:]
-    node = nested
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if node is None:
-            node = {}
-    node[parts[-1]] = value
 
 
 def shipped_specs() -> dict[str, Path]:
