@@ -154,7 +154,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool | None = None  # None: on CUDA only
+    channels_last: bool | None = None  # None: on for models with convolutions (CPU and CUDA)
     compile: bool = False
     max_batches: int | None = None  # per epoch (smoke runs)
     adversarial: AttackConfig | None = None  # PGD adversarial training (Madry et al. 2018) when set
