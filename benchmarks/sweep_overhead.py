@@ -39,7 +39,15 @@ def tiny_spec(trials: int, epochs: int) -> dict:
 
 
 def in_process(spec) -> float:
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like a trial with resources.cpu = 1
+    try:
+        return _in_process(spec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_process(spec) -> float:
     start = time.perf_counter()
     for point in spec.grid_points():
         cfg = spec.trial_config(point, spec.seeds[0])

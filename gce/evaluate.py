@@ -142,6 +142,22 @@ def batches(data, batch_size: int = 500, *, device: torch.device | str | None = 
         yield (x, y) if device is None else (x.to(device), y.to(device))
 
 
+def attack_in_chunks(attack, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The attack on the whole batch, or, when the accelerator runs out of memory, on halves (recursively):
+    evaluation batches can be as large as the device allows (``batch_size`` = all examples on CUDA) without
+    a trial failing on a bigger model. Per-example attacks give the same result in any split."""
+    try:
+        return attack(model, x, y)
+    except torch.OutOfMemoryError:
+        if len(y) <= 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(y) // 2
+        return torch.cat([attack_in_chunks(attack, model, x[:half], y[:half]),
+                          attack_in_chunks(attack, model, x[half:], y[half:])])
+
+
 def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig], *, train_loss: LossFn | None = None,
                         standalone: bool = True, primary_eps: float | None = None, primary_norm: str | None = None,
                         batch_size: int = 500, max_examples: int | None = None,
@@ -176,7 +192,7 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
                     todo = (correct if standalone else alive).nonzero().squeeze(1)
                     ok = torch.zeros_like(correct)
                     if todo.numel():
-                        x_adv = built[(cfg.label(), cfg.eps)](model, x[todo], y[todo])
+                        x_adv = attack_in_chunks(built[(cfg.label(), cfg.eps)], model, x[todo], y[todo])
                         _check_threat_model(cfg, tm, x_adv, x[todo])
                         ok[todo] = predict(model, x_adv) == y[todo]
                     flag_parts[(cfg.label(), cfg.eps)].append(ok.cpu())

@@ -30,9 +30,10 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     started = time.perf_counter()
     ev = spec.evaluation
     model, data = trainer.model, trainer.data
+    batch_size = ev.resolved_batch_size(trainer.device)
     attacks = [cfg for attack in ev.attacks for cfg in attack.configs()]
     run = dict(train_loss=trainer.loss_fn, standalone=ev.standalone, primary_eps=ev.primary_eps,
-               batch_size=ev.batch_size, max_examples=ev.max_examples, seed=trainer.config.seed)
+               batch_size=batch_size, max_examples=ev.max_examples, seed=trainer.config.seed)
     metrics: dict[str, float] = {}
     val = evaluate_robustness(model, data.val, attacks, **run)
     metrics.update(val.to_metrics("val"))
@@ -43,12 +44,12 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
         test = evaluate_robustness(model, data.test, attacks, **run)
         metrics.update(test.to_metrics("test"))
         metrics["test/eval_n"] = test.n
-    clusters = latent_clusters(model, data.val, max_examples=min(ev.max_examples, 1000), batch_size=ev.batch_size)
+    clusters = latent_clusters(model, data.val, max_examples=min(ev.max_examples, 1000), batch_size=batch_size)
     metrics.update(clusters.to_metrics("val"))
     tags: dict[str, str] = {}
     if ev.checks and attacks and val.primary is not None and val.primary[0] == "linf":
         diagnosis = run_checks(model, data.val, CheckConfig(max_examples=min(ev.max_examples, 500),
-                                                            batch_size=ev.batch_size, seed=trainer.config.seed),
+                                                            batch_size=batch_size, seed=trainer.config.seed),
                                result=val, train_loss=trainer.loss_fn)
         metrics.update(diagnosis.to_metrics())
         tags.update(diagnosis.to_tags())
@@ -65,10 +66,13 @@ def _artifacts(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id: str
     logger.log_spec(run_id, trainer.config.to_dict(), "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         logger.log_checkpoint(run_id, trainer.save_checkpoint(Path(tmp) / "final.pt"))
+    if not spec.evaluation.plots:
+        return
     for norm, curve in val.curves().items():
         series = {label: dict(zip(curve.eps, accs, strict=True)) for label, accs in curve.accuracy.items()}
         logger.log_robustness_curves(run_id, series, curve.clean_acc, name=f"robustness_curves_{norm}.png")
-    matrix = confusion_matrix(model, DeviceLoader(data.val, spec.evaluation.batch_size, device=trainer.device))
+    matrix = confusion_matrix(model, DeviceLoader(data.val, spec.evaluation.resolved_batch_size(trainer.device),
+                                               device=trainer.device))
     logger.log_confusion_matrix(run_id, matrix.numpy())
     logger.log_embedding(run_id, clusters.embedding.coords.numpy(), clusters.embedding.labels.numpy())
     if val.primary is not None:

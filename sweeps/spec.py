@@ -56,11 +56,19 @@ class AttackSpec(_Strict):
 class EvaluationSpec(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
     max_examples: Annotated[int, Field(ge=1)] = 1000  # per split: robust evaluation is the costly part
-    batch_size: Annotated[int, Field(ge=1)] = 500
+    # auto: every evaluated example in one batch on an accelerator (attacks halve it on out-of-memory), 500 on
+    # the CPU, where bigger batches buy nothing
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     standalone: bool = True  # every attack on every point (exact per-attack numbers) vs AutoAttack-style chain
     primary_eps: float | None = None  # the ε of val/robust_acc/worst_case; None = the largest
     test: bool = True  # also evaluate the test split (reported beside; selection uses val)
     checks: bool = True  # gradient-masking diagnostics per trial
+    plots: bool = True  # per-trial PNGs (curves, confusion, embedding, examples): ~1 s of matplotlib a trial
+
+    def resolved_batch_size(self, device) -> int:
+        if self.batch_size != "auto":
+            return self.batch_size
+        return 500 if getattr(device, "type", device) == "cpu" else self.max_examples
 
 
 class Objective(_Strict):

@@ -8,10 +8,12 @@ by (sweep id, trial id), so a restored trial continues its run and its epoch cou
 from __future__ import annotations
 
 import logging
+import resource
 import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,6 +64,9 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     from gce.train import fit
     from tracking.logger import RunLogger
 
+    # Where a trial's time goes, logged with its results: data, training, per-epoch tracking, Ray reporting
+    # (checkpoint + tune.report), evaluation and artifacts (benchmarks.trial_profile reads it back).
+    clock = _Clock()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "checkpoint created" line every epoch
     spec = context.sweep_spec()
     point, seed = trial_assignment(config, spec)
@@ -77,9 +82,12 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
     ended = False
     try:
-        d = train_config.data
-        data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
+        with clock("data"):
+            d = train_config.data
+            data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
         resume = tune.get_checkpoint()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             resume_path = None
@@ -87,15 +95,19 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE
 
             def report(end) -> None:
-                logger.log_metrics(run_id, end.metrics, step=end.epoch)
-                with tempfile.TemporaryDirectory() as ckpt_dir:
+                with clock("log"):
+                    logger.log_metrics(run_id, end.metrics, step=end.epoch)
+                with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
                     end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
                     tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
             result = fit(train_config, callbacks=[report], data=data, resume_from=resume_path)
         train_s = time.perf_counter() - started
-        final = evaluate_trial(spec, result.trainer, logger, run_id)
+        with clock("evaluation"):
+            final = evaluate_trial(spec, result.trainer, logger, run_id)
         final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
+        final.update(clock.metrics(train_s, final["time/eval_s"]))
+        final.update(_peak_memory(result.trainer.device))
         logger.log_metrics(run_id, final, step=result.trainer.epoch)
         logger.end_run(run_id, "FINISHED")
         ended = True
@@ -117,6 +129,42 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
             finally:
                 logger.end_run(run_id, "FAILED", error=err)
         raise
+
+
+class _Clock:
+    """Seconds per named phase, accumulated over `with clock(name):` blocks."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self, fit_s: float, eval_s: float) -> dict[str, float]:
+        """``time/*`` metrics: fit's wall time split into compute, tracking and reporting; evaluation's into
+        the science (time/eval_s) and the artifacts it logs; shares of the whole trial."""
+        sec = self.seconds
+        log, report = sec.get("log", 0.0), sec.get("report", 0.0)
+        artifacts = max(sec.get("evaluation", 0.0) - eval_s, 0.0)
+        trial = time.perf_counter() - self.start
+        return {"time/data_s": sec.get("data", 0.0), "time/fit_compute_s": max(fit_s - log - report, 0.0),
+                "time/log_s": log, "time/report_s": report, "time/artifacts_s": artifacts, "time/trial_s": trial,
+                "time/tracking_share": (log + artifacts) / trial, "time/report_share": report / trial}
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """The worker's peak resident memory (whole process: the trials of a reused actor share it) and, on CUDA,
+    this trial's peak allocated device memory."""
+    out = {"mem/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def _describe(point: dict[str, Any]) -> str:

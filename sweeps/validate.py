@@ -130,11 +130,16 @@ def _fails(attack) -> bool:
     return False
 
 
+# A trial's own profile (sweeps.trainable): seconds per phase, shares of the trial, peak memory.
+TIME_METRICS = ("time/data_s", "time/fit_compute_s", "time/log_s", "time/report_s", "time/artifacts_s",
+                "time/trial_s", "time/tracking_share", "time/report_share", "mem/peak_rss_mb")
+
+
 def metric_names(spec: SweepSpec) -> set[str]:
     """The metric keys a trial of this spec reports (what objectives and queries can name)."""
     from gce.evaluate import format_eps, norm_of
 
-    names = set(PER_EPOCH_METRICS) | {"val/eval_clean_acc", "time/train_s", "time/eval_s"}
+    names = set(PER_EPOCH_METRICS) | {"val/eval_clean_acc", "time/train_s", "time/eval_s", *TIME_METRICS}
     names |= {f"val/latent/{k}" for k in ("silhouette", "inter_class", "intra_class", "inter_intra_ratio")}
     splits = ["val", "test"] if spec.evaluation.test else ["val"]
     group = "robust_acc" if spec.evaluation.standalone else "robust_acc_chain"  # chain numbers are cumulative

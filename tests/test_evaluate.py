@@ -105,6 +105,39 @@ def test_small_batches_give_the_same_numbers_and_bound_memory(model, mnist5k, mo
         assert torch.equal(many.robust[key], one.robust[key])
 
 
+def test_out_of_memory_halves_the_attack_batch_with_the_same_numbers(model, mnist5k, monkeypatch):
+    attacks = deterministic([0.1, 0.3])
+    one = evaluate_robustness(model, mnist5k.test, attacks, max_examples=N, batch_size=N)
+    sizes = []
+
+    def limited(cfg, train_loss=None):  # a device that fits 40 adversarial images at a time
+        attack = build_attack(cfg, train_loss)
+
+        def run(m, x, y):
+            sizes.append(len(x))
+            if len(x) > 40:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return attack(m, x, y)
+
+        return run
+
+    monkeypatch.setattr(evaluate_module, "build_attack", limited)
+    split = evaluate_robustness(model, mnist5k.test, attacks, max_examples=N, batch_size=N)
+    assert max(sizes) > 40 and 0 < min(sizes) <= 40  # tried the whole batch, then halves until it fitted
+    assert split.to_metrics() == one.to_metrics()
+    for key in one.robust:
+        assert torch.equal(split.robust[key], one.robust[key])
+
+    def never(cfg, train_loss=None):
+        def run(m, x, y):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return run
+
+    monkeypatch.setattr(evaluate_module, "build_attack", never)
+    with pytest.raises(torch.OutOfMemoryError):  # a single example that does not fit is an error, not a loop
+        evaluate_robustness(model, mnist5k.test, attacks[:1], max_examples=8, batch_size=8)
+
+
 def test_seeded_random_attacks_repeat_and_leave_global_rng_alone(model, mnist5k):
     attacks = expand_eps(AttackConfig(name="pgd", steps=3), [0.1])
     state = torch.get_rng_state()

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 
 from sweeps.launcher import run_sweep
 from sweeps.spec import load_spec
+from sweeps.validate import TIME_METRICS
 from tracking.logger import ROLE_TAG, SWEEP_TAG
 
 pytestmark = pytest.mark.slow
@@ -50,6 +51,14 @@ def test_grid_sweep_end_to_end_parent_children_metrics_artifacts(ray_local, mlfl
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2]  # one point per epoch
         assert run.data.tags["check/raised"]  # masking diagnostics ran and were tagged
+        # The trial's own profile: every phase timed, the parts add up to no more than the whole.
+        m = run.data.metrics
+        assert set(TIME_METRICS) <= set(m)
+        parts = m["time/data_s"] + m["time/train_s"] + m["time/eval_s"] + m["time/artifacts_s"]
+        assert 0 < parts <= m["time/trial_s"] + 1e-6
+        assert m["time/fit_compute_s"] + m["time/log_s"] + m["time/report_s"] == pytest.approx(m["time/train_s"])
+        assert m["time/log_s"] > 0 and m["time/report_s"] > 0 and m["mem/peak_rss_mb"] > 50
+        assert 0 < m["time/tracking_share"] < 1
         # A conditional space never gives α to a non-GCE trial.
         assert ("loss.alpha" in run.data.params) == (run.data.params["loss.name"] == "gce")
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -85,6 +94,7 @@ def test_optuna_searchers_run_and_respect_the_conditional_space(ray_local, mlflo
 def test_asha_stops_a_bad_trial_early(ray_local, mlflow_server, tmp_path):
     base = {**TINY, "epochs": 4, "max_batches": 8}
     spec = sweep("asha", base=base, space={"optim.lr": [3e-3, 1e-7]}, max_concurrent_trials=1,
+                 evaluation={**EVAL, "plots": False},
                  scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2, "metric": "val/clean_acc"})
     result = run_sweep(spec, tracking_uri=mlflow_server.url, storage=tmp_path)
     client, _, children = runs_of(mlflow_server.url, result)
@@ -96,6 +106,8 @@ def test_asha_stops_a_bad_trial_early(ray_local, mlflow_server, tmp_path):
     assert len(bad_epochs) < 4
     assert bad.info.status == "FINISHED" and "stopped early" in bad.data.tags["stop_reason"]
     assert "val/robust_acc/worst_case" not in bad.data.metrics
+    # plots: false keeps the checkpoint and config, renders no figure.
+    assert {a.path for a in client.list_artifacts(good.info.run_id)} == {"checkpoints", "config.json"}
 
 
 def test_cli_runs_the_quickstart_smoke(mlflow_server, tmp_path):

@@ -158,3 +158,15 @@ def test_a_null_grid_value_unsets_the_base_value():
                        space={"adversarial": [None, {"name": "pgd", "eps": 0.3, "steps": 5}]}))
     configs = [s.trial_config(p, 0) for p in s.grid_points()]
     assert configs[0].adversarial is None and configs[1].adversarial.eps == 0.3
+
+
+def test_evaluation_batch_size_auto_and_bad_values():
+    auto = load_spec(spec(evaluation={**ATTACKS, "max_examples": 2000})).evaluation
+    assert auto.batch_size == "auto"
+    assert auto.resolved_batch_size("cpu") == 500  # CPU: bigger batches buy nothing
+    assert auto.resolved_batch_size("cuda") == 2000  # accelerator: all at once, halved on out-of-memory
+    fixed = load_spec(spec(evaluation={**ATTACKS, "batch_size": 64})).evaluation
+    assert fixed.resolved_batch_size("cuda") == 64
+    for bad in (0, "big"):
+        with pytest.raises(SpecError, match="evaluation.batch_size"):
+            load_spec(spec(evaluation={**ATTACKS, "batch_size": bad}))
