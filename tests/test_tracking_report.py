@@ -55,6 +55,11 @@ def test_report_tabulates_mean_std_n_and_diagnostics(study):
     assert "| worst_case | 0.1 | 80.00 ± 7.07 (2) | 55.00 ± 7.07 (2) |  |" in md
     assert "| attack_loss_weaker_than_ce | **raised 1/2** | ok 2/2 |" in md
     assert "fgsm-train 0.470 > fgsm 0.080" in md
+    # The paper's GCE − XE gap beside ours (difference of means ± standard error), per attack loss.
+    assert "GCE (α = 0.333) over CE" in md
+    assert "| PGD | 0.1 | +5.0 | – | +20.0 ± 7.1 |" in md  # paper 51.85 − 46.85; ours only with the CE attack
+    assert "| FGSM | 0.3 | +32.2 | – | – |" in md  # GCE has no fgsm-train number: no gap is invented
+    assert "| worst_case | 0.1 |  |  | +25.0 ± 7.1 |" in md
     html = to_html(report)
     assert html.count("data:image/png;base64,") == len(report.figures) >= 1 and "<table>" in html
 
