@@ -8,7 +8,7 @@ the trial per phase. Ray's own bookkeeping between trials is ``benchmarks.sweep_
 
 Targets (issue 7): tracking <= 2% of trial time; sweep overhead <= 10% of a 30-second trial.
 
-    python -m benchmarks.trial_profile [--seeds 1] [--epochs 10] [--device auto] [--out DIR]
+    python -m benchmarks.trial_profile [--seeds 1] [--epochs 20] [--device auto] [--no-plots] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PHASES = [  # (label, metric): the parts of time/trial_s
 ]
 
 
-def profile_spec(seeds: int, epochs: int, device: str) -> dict:
+def profile_spec(seeds: int, epochs: int, device: str, plots: bool = True) -> dict:
     """A trial of the size the issue's targets speak of (~30 s on 2 CPU cores): LeNet-5 on MNIST-5k, the
     paper's optimiser, FGSM and PGD-20 at three ε on 500 validation images, diagnostics on."""
     gpu = 1.0 if device == "cuda" else 0
@@ -41,7 +41,7 @@ def profile_spec(seeds: int, epochs: int, device: str) -> dict:
                      "optim": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.99]}, "epochs": epochs, "batch_size": 64},
             "space": {"loss.name": ["ce", "gce"]},
             "seeds": list(range(seeds)),
-            "evaluation": {"max_examples": 500, "test": False,
+            "evaluation": {"max_examples": 500, "test": False, "plots": plots,
                            "attacks": [{"name": "fgsm", "eps": [0.1, 0.2, 0.3]},
                                        {"name": "pgd", "eps": [0.1, 0.2, 0.3], "steps": 20, "step_size": 0.02}]},
             "resources": {"cpu": 1, "gpu": gpu}, "max_concurrent_trials": 1}
@@ -50,8 +50,9 @@ def profile_spec(seeds: int, epochs: int, device: str) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=1, help="seeds per loss (CE, GCE): 2 x seeds trials")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-plots", action="store_true", help="evaluation.plots: false (no per-trial PNGs)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tracking.server import ensure_server, stop_server
 
     device = resolve_device(args.device)
-    spec = load_spec(profile_spec(args.seeds, args.epochs, device.type))
+    spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots))
     with tempfile.TemporaryDirectory() as tmp:
         server = ensure_server(Path(tmp) / "mlflow", port=free_port())
         try:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row.setdefault("value", float("nan"))
     print(f"one trial profiled end to end: mean of {len(metrics)} trial(s), LeNet-5, MNIST-5k, {args.epochs} epochs, "
-          f"FGSM + PGD-20 at 3 eps on 500 images, device {device}")
+          f"FGSM + PGD-20 at 3 eps on 500 images, plots {'off' if args.no_plots else 'on'}, device {device}")
     path = report("trial_profile", rows, device, args.out)
     print(f"written: {path}")
     return rows
