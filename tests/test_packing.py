@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks import packing
 
+pytestmark = pytest.mark.slow  # spawned processes import torch: ~20 s a level on 2 cores
+
 
 def test_packing_measures_each_level_and_writes_its_table(tmp_path):
     rows = packing.main(["--device", "cpu", "--concurrency", "1", "2", "--seconds", "2", "--out", str(tmp_path)])
