@@ -29,14 +29,13 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
-import resource
-import sys
 import threading
 import time
 import traceback
 from pathlib import Path
 
 from benchmarks.common import report
+from gce.memory import peak_rss_mb
 from gce.train import resolve_device
 
 TARGET = "on a GPU, 4 packed small-model trials each keep >= 80% of their solo throughput"
@@ -67,24 +66,11 @@ def _worker(rank: int, n: int, model: str, batch_size: int, device: str, seconds
             trainer.train_epoch()  # synchronises CUDA before it returns
             images += len(bundle.train)
         elapsed = time.perf_counter() - start
-        peak_mb = torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else _peak_rss_mb()
+        peak_mb = torch.cuda.max_memory_allocated(trainer.device) / 2**20 if cuda else peak_rss_mb()
         results.put(("ok", rank, {"images": images, "seconds": elapsed, "peak_mb": peak_mb}))
     except BaseException as exc:  # everything goes back to the parent, which raises it
         results.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1) from None
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS. VmHWM first: ru_maxrss carries the parent's peak over spawn's fork + exec."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def run_level(n: int, model: str, batch_size: int, device: str, seconds: float, threads: int | None = None,

@@ -8,7 +8,6 @@ by (sweep id, trial id), so a restored trial continues its run and its epoch cou
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 import tempfile
 import time
@@ -161,7 +160,9 @@ class _Clock:
 def _peak_memory(device: torch.device) -> dict[str, float]:
     """The worker's peak resident memory (whole process: the trials of a reused actor share it) and, on CUDA,
     this trial's peak allocated device memory."""
-    out = {"mem/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from gce.memory import peak_rss_mb
+
+    out = {"mem/peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
