@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     summary.append(_row("  Ray reporting share (checkpoint + tune.report)", NAN, reporting["share_of_trial"], NAN,
                         ""))
     memory = [r for r in rows if r["phase"].startswith("peak")]
+    print("\n== the same trial with evaluation.plots: false ==")
+    rows = trial_profile.main(["--epochs", "4" if args.quick else "20", "--no-plots", *dev, *out])
+    share = next(r for r in rows if r["phase"].startswith("tracking total"))["share_of_trial"]
+    summary.append(_row("  tracking share with plots: false", NAN, share, NAN, "", "<= 2%", share <= 0.02))
+    # Plots render in a thread beside the test-split attacks; what they really cost is the A/B difference.
+    plain_s = next(r for r in rows if r["phase"] == "whole trial")["seconds"]
+    summary.append(_row("  plots' cost: whole trial with - without, share", NAN, (trial_s - plain_s) / trial_s,
+                        NAN, "", "", None))
     for r in memory:
         summary.append(_row(r["phase"], NAN, r["value"], NAN, ""))
 

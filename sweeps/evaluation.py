@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,55 +42,94 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     # The per-epoch val/clean_acc covers the whole split; the attacked subsample's own clean accuracy (the
     # baseline of its robust numbers) gets its own key rather than a second, different point at the last step.
     metrics["val/eval_clean_acc"], metrics["val/eval_n"] = metrics.pop("val/clean_acc"), val.n
-    if ev.test:
-        test = evaluate_robustness(model, data.test, attacks, **run)
-        metrics.update(test.to_metrics("test"))
-        metrics["test/eval_n"] = test.n
     clusters = latent_clusters(model, data.val, max_examples=min(ev.max_examples, 1000), batch_size=batch_size)
     metrics.update(clusters.to_metrics("val"))
-    tags: dict[str, str] = {}
-    if ev.checks and attacks and val.primary is not None and val.primary[0] == "linf":
-        diagnosis = run_checks(model, data.val, CheckConfig(max_examples=min(ev.max_examples, 500),
-                                                            batch_size=batch_size, seed=trainer.config.seed),
-                               result=val, train_loss=trainer.loss_fn)
-        metrics.update(diagnosis.to_metrics())
-        tags.update(diagnosis.to_tags())
-    metrics["time/eval_s"] = time.perf_counter() - started
+    # Artifacts need only the validation results: they render and upload in a thread while the test split and
+    # the diagnostics are attacked (torch releases the GIL; matplotlib and HTTP need little else).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gce-artifacts") as pool:
+        prep = time.perf_counter()
+        inputs = _artifact_inputs(spec, trainer, val, clusters)
+        artifacts_s = time.perf_counter() - prep
+        uploads = pool.submit(_log_artifacts, logger, run_id, inputs)
+        if ev.test:
+            test = evaluate_robustness(model, data.test, attacks, **run)
+            metrics.update(test.to_metrics("test"))
+            metrics["test/eval_n"] = test.n
+        tags: dict[str, str] = {}
+        if ev.checks and attacks and val.primary is not None and val.primary[0] == "linf":
+            diagnosis = run_checks(model, data.val, CheckConfig(max_examples=min(ev.max_examples, 500),
+                                                                batch_size=batch_size, seed=trainer.config.seed),
+                                   result=val, train_loss=trainer.loss_fn)
+            metrics.update(diagnosis.to_metrics())
+            tags.update(diagnosis.to_tags())
+        wait = time.perf_counter()
+        uploads.result()  # an upload's error fails the trial like any other
+        # What the trial spent on artifacts: preparing them and waiting for the thread (its rendering, when it
+        # contends with the attacks for the GIL or the cores, shows up in time/eval_s instead).
+        metrics["time/artifacts_s"] = artifacts_s + time.perf_counter() - wait
+        metrics["time/eval_s"] = time.perf_counter() - started - metrics["time/artifacts_s"]
     if tags:
         logger.set_tags(run_id, tags)
-    _artifacts(spec, trainer, logger, run_id, val, clusters)
     return metrics
 
 
-def _artifacts(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id: str, val, clusters) -> None:
-    """Checkpoint, config and the plots the paper's argument needs (curves, confusion, embedding, examples)."""
-    model, data = trainer.model, trainer.data
-    logger.log_spec(run_id, trainer.config.to_dict(), "config.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        logger.log_checkpoint(run_id, trainer.save_checkpoint(Path(tmp) / "final.pt"))
+@dataclass
+class _ArtifactInputs:
+    """Everything the artifacts need, computed on the trial's thread (which owns the model)."""
+
+    config: dict
+    checkpoint_dir: tempfile.TemporaryDirectory
+    checkpoint: Path
+    curves: list = field(default_factory=list)  # (norm, series, clean accuracy)
+    confusion: Any = None
+    embedding: tuple | None = None
+    grid: tuple | None = None  # (x, x_adv, y, clean predictions, adversarial predictions), on the CPU
+
+
+def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters) -> _ArtifactInputs:
+    """Checkpoint, config and what the plots the paper's argument needs (curves, confusion, embedding,
+    examples) are drawn from."""
+    folder = tempfile.TemporaryDirectory()
+    inputs = _ArtifactInputs(trainer.config.to_dict(), folder,
+                             trainer.save_checkpoint(Path(folder.name) / "final.pt"))
     if not spec.evaluation.plots:
-        return
+        return inputs
     for norm, curve in val.curves().items():
         series = {label: dict(zip(curve.eps, accs, strict=True)) for label, accs in curve.accuracy.items()}
-        logger.log_robustness_curves(run_id, series, curve.clean_acc, name=f"robustness_curves_{norm}.png")
-    matrix = confusion_matrix(model, DeviceLoader(data.val, spec.evaluation.resolved_batch_size(trainer.device),
-                                               device=trainer.device))
-    logger.log_confusion_matrix(run_id, matrix.numpy())
-    logger.log_embedding(run_id, clusters.embedding.coords.numpy(), clusters.embedding.labels.numpy())
+        inputs.curves.append((norm, series, curve.clean_acc))
+    inputs.confusion = confusion_matrix(trainer.model, DeviceLoader(
+        trainer.data.val, spec.evaluation.resolved_batch_size(trainer.device), device=trainer.device)).numpy()
+    inputs.embedding = (clusters.embedding.coords.numpy(), clusters.embedding.labels.numpy())
     if val.primary is not None:
-        _adversarial_grid(trainer, logger, run_id, val)
+        inputs.grid = _adversarial_grid(trainer, val)
+    return inputs
 
 
-def _adversarial_grid(trainer: Trainer, logger: RunLogger, run_id: str, val) -> None:
-    """Eight validation images next to their adversarial versions under the primary ε's last attack."""
+def _log_artifacts(logger: RunLogger, run_id: str, inputs: _ArtifactInputs) -> None:
+    with inputs.checkpoint_dir:
+        logger.log_spec(run_id, inputs.config, "config.json")
+        logger.log_checkpoint(run_id, inputs.checkpoint)
+    for norm, series, clean_acc in inputs.curves:
+        logger.log_robustness_curves(run_id, series, clean_acc, name=f"robustness_curves_{norm}.png")
+    if inputs.confusion is not None:
+        logger.log_confusion_matrix(run_id, inputs.confusion)
+    if inputs.embedding is not None:
+        logger.log_embedding(run_id, *inputs.embedding)
+    if inputs.grid is not None:
+        logger.log_adversarial_grid(run_id, *inputs.grid)
+
+
+def _adversarial_grid(trainer: Trainer, val) -> tuple:
+    """Eight validation images and their adversarial versions under the primary ε's last attack."""
     from gce.attacks import build_attack
 
     norm, eps = val.primary
     configs = [c for c in val.attacks if c.eps == eps and norm_of(c) == norm]
     attack = build_attack(configs[-1], train_loss=trainer.loss_fn)
     x, y = next(batches(trainer.data.val, 8, device=trainer.device, max_examples=8))
-    x_adv = attack(trainer.model, x, y)
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        torch.manual_seed(trainer.config.seed)  # a random start must not shift the evaluations' randomness
+        x_adv = attack(trainer.model, x, y)
     with torch.no_grad():
         clean_pred, adv_pred = predict(trainer.model, x), predict(trainer.model, x_adv)
-    logger.log_adversarial_grid(run_id, x.cpu(), x_adv.cpu(), y.cpu(), clean_pred.cpu(), adv_pred.cpu())
-
+    return x.cpu(), x_adv.cpu(), y.cpu(), clean_pred.cpu(), adv_pred.cpu()

@@ -102,10 +102,9 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
 
             result = fit(train_config, callbacks=[report], data=data, resume_from=resume_path)
         train_s = time.perf_counter() - started
-        with clock("evaluation"):
-            final = evaluate_trial(spec, result.trainer, logger, run_id)
+        final = evaluate_trial(spec, result.trainer, logger, run_id)
         final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
-        final.update(clock.metrics(train_s, final["time/eval_s"]))
+        final.update(clock.metrics(train_s, final["time/artifacts_s"]))
         final.update(_peak_memory(result.trainer.device))
         logger.log_metrics(run_id, final, step=result.trainer.epoch)
         logger.end_run(run_id, "FINISHED")
@@ -145,16 +144,15 @@ class _Clock:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def metrics(self, fit_s: float, eval_s: float) -> dict[str, float]:
-        """``time/*`` metrics: fit's wall time split into compute, tracking and reporting; evaluation's into
-        the science (time/eval_s) and the artifacts it logs; shares of the whole trial."""
+    def metrics(self, fit_s: float, artifacts_s: float) -> dict[str, float]:
+        """``time/*`` metrics: fit's wall time split into compute, tracking and reporting; shares of the trial
+        (evaluation reports its own time/eval_s and time/artifacts_s)."""
         sec = self.seconds
         log, report = sec.get("log", 0.0), sec.get("report", 0.0)
-        artifacts = max(sec.get("evaluation", 0.0) - eval_s, 0.0)
         trial = time.perf_counter() - self.start
         return {"time/data_s": sec.get("data", 0.0), "time/fit_compute_s": max(fit_s - log - report, 0.0),
-                "time/log_s": log, "time/report_s": report, "time/artifacts_s": artifacts, "time/trial_s": trial,
-                "time/tracking_share": (log + artifacts) / trial, "time/report_share": report / trial}
+                "time/log_s": log, "time/report_s": report, "time/trial_s": trial,
+                "time/tracking_share": (log + artifacts_s) / trial, "time/report_share": report / trial}
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

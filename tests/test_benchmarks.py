@@ -25,5 +25,6 @@ def test_benchmark_suite_runs_and_writes_its_tables(tmp_path):
     assert ceiling["baseline"] == train["baseline"]
     assert any(name.startswith("trial of") and row["target"] == "<= 2%" for name, row in rows.items())
     assert any(name.startswith("peak resident memory") for name in rows)
-    for name in ("train_throughput", "attack_throughput", "tracking_cost", "sweep_overhead", "trial_profile"):
+    for name in ("train_throughput", "attack_throughput", "tracking_cost", "sweep_overhead", "trial_profile",
+                 "trial_profile_no_plots"):
         assert (tmp_path / f"{name}.json").exists()
