@@ -16,7 +16,9 @@ def test_benchmark_suite_runs_and_writes_its_tables(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = {row["benchmark"].strip(): row for row in summary["rows"]}
     assert summary["environment"]["torch"] and summary["environment"]["threads"] == str(torch.get_num_threads())
-    assert all(row["ours"] > 0 for row in rows.values())  # every figure was measured
+    # Every figure was measured (an A/B difference may come out negative, within noise).
+    assert all(row["ours"] > 0 for name, row in rows.items() if not name.startswith("plots' cost"))
+    assert isinstance(rows["plots' cost: whole trial with - without, %"]["ours"], float)
     assert all(row["baseline"] > 0 for row in rows.values() if row["baseline"] != "")
     train = rows["LeNet-5 training, images/s"]
     assert train["ratio"] == pytest.approx(train["ours"] / train["baseline"])
