@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         per_trial / 30 <= 0.10))
 
     print("\n== one trial, end to end ==")
-    rows = trial_profile.main(["--epochs", "4" if args.quick else "20", *dev, *out])
+    profile = ["--epochs", "4", "--max-examples", "200"] if args.quick else ["--epochs", "20"]
+    rows = trial_profile.main([*profile, *dev, *out])
     by = {r["phase"]: r for r in rows}
     trial_s = by["whole trial"]["seconds"]
     tracking = next(r for r in rows if r["phase"].startswith("tracking total"))
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         100 * reporting["share_of_trial"], NAN, ""))
     memory = [r for r in rows if r["phase"].startswith("peak")]
     print("\n== the same trial with evaluation.plots: false ==")
-    rows = trial_profile.main(["--epochs", "4" if args.quick else "20", "--no-plots", *dev, *out])
+    rows = trial_profile.main([*profile, "--no-plots", *dev, *out])
     share = next(r for r in rows if r["phase"].startswith("tracking total"))["share_of_trial"]
     summary.append(_row("  tracking share with plots: false, %", NAN, 100 * share, NAN, "", "<= 2%", share <= 0.02))
     # Plots render in a thread beside the test-split attacks; what they really cost is the A/B difference.

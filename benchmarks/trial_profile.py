@@ -32,7 +32,8 @@ PHASES = [  # (label, metric): the parts of time/trial_s
 ]
 
 
-def profile_spec(seeds: int, epochs: int, device: str, plots: bool = True) -> dict:
+def profile_spec(seeds: int, epochs: int, device: str, plots: bool = True,
+                 max_examples: int = 1000) -> dict:
     """A trial of the size the issue's targets speak of (~20-30 s on 2 CPU cores): LeNet-5 on MNIST-5k, the
     paper's optimiser and 20 epochs, FGSM and PGD-40 (0.01) at three ε on the validation (400) and test
     (1,000) images, diagnostics on."""
@@ -42,7 +43,7 @@ def profile_spec(seeds: int, epochs: int, device: str, plots: bool = True) -> di
                      "optim": {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.99]}, "epochs": epochs, "batch_size": 64},
             "space": {"loss.name": ["ce", "gce"]},
             "seeds": list(range(seeds)),
-            "evaluation": {"max_examples": 1000, "plots": plots,
+            "evaluation": {"max_examples": max_examples, "plots": plots,
                            "attacks": [{"name": "fgsm", "eps": [0.1, 0.2, 0.3]},
                                        {"name": "pgd", "eps": [0.1, 0.2, 0.3], "steps": 40, "step_size": 0.01}]},
             "resources": {"cpu": 1, "gpu": gpu}, "max_concurrent_trials": 1}
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-plots", action="store_true", help="evaluation.plots: false (no per-trial PNGs)")
+    parser.add_argument("--max-examples", type=int, default=1000, help="images attacked per split")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from tracking.server import ensure_server, stop_server
 
     device = resolve_device(args.device)
-    spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots))
+    spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots,
+                                  max_examples=args.max_examples))
     with tempfile.TemporaryDirectory() as tmp:
         server = ensure_server(Path(tmp) / "mlflow", port=free_port())
         try:
