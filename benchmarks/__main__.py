@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n== sweep overhead ==")
     rows = sweep_overhead.main(["--trials", "4" if args.quick else "8", *out])
     per_trial = rows[2]["per_trial_s"]
-    summary.append(_row("sweep overhead, s per trial (Ray + MLflow)", rows[0]["per_trial_s"], rows[1]["per_trial_s"],
-                        rows[1]["ratio"], "same trials in-process", "<= 0.3 s", per_trial <= 0.3))
+    summary.append(_row("sweep, s per trial (Ray + MLflow)", rows[0]["per_trial_s"], rows[1]["per_trial_s"],
+                        1 / rows[1]["ratio"], "same trials in-process"))
+    summary.append(_row("  overhead per trial, s", NAN, per_trial, NAN, "", "<= 0.3 s", per_trial <= 0.3))
     summary.append(_row("  overhead as a share of a 30 s trial, %", NAN, 100 * per_trial / 30, NAN, "", "<= 10%",
                         per_trial / 30 <= 0.10))
 
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tracking = next(r for r in rows if r["phase"].startswith("tracking total"))
     metrics_only = next(r for r in rows if r["phase"].startswith("MLflow: per-epoch"))
     reporting = next(r for r in rows if r["phase"].startswith("Ray:"))
-    summary.append(_row(f"trial of {trial_s:.0f} s: tracking share (metrics + artifacts), %", NAN,
-                        100 * tracking["share_of_trial"], NAN, "", "<= 2%", tracking["share_of_trial"] <= 0.02))
+    summary.append(_row(f"trial of {trial_s:.0f} s: tracking the trial itself (run, metrics, artifacts), %", NAN,
+                        100 * tracking["share_of_trial"], NAN, ""))
     summary.append(_row("  of which per-epoch metrics, %", NAN, 100 * metrics_only["share_of_trial"], NAN, ""))
     summary.append(_row("  Ray reporting share (checkpoint + tune.report), %", NAN,
                         100 * reporting["share_of_trial"], NAN, ""))
@@ -80,11 +81,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n== the same trial with evaluation.plots: false ==")
     rows = trial_profile.main([*profile, "--no-plots", *dev, *out])
     share = next(r for r in rows if r["phase"].startswith("tracking total"))["share_of_trial"]
-    summary.append(_row("  tracking share with plots: false, %", NAN, 100 * share, NAN, "", "<= 2%", share <= 0.02))
-    # Plots render in a thread beside the test-split attacks; what they really cost is the A/B difference.
+    summary.append(_row("  the same with plots: false, %", NAN, 100 * share, NAN, "", "<= 2%", share <= 0.02))
+    # Plots render in a thread beside the test-split attacks, contending with them: what they really cost is
+    # the A/B difference of the whole trial (noisy: two trials a side), added to the plot-free tracking share.
     plain_s = next(r for r in rows if r["phase"] == "whole trial")["seconds"]
+    plots = max(trial_s - plain_s, 0.0) / trial_s
     summary.append(_row("  plots' cost: whole trial with - without, %", NAN, 100 * (trial_s - plain_s) / trial_s,
-                        NAN, "", "", None))
+                        NAN, ""))
+    summary.append(_row("  tracking with plots: plot-free share + plots' cost, %", NAN, 100 * (share + plots), NAN,
+                        "", "<= 2%", share + plots <= 0.02))
     for r in memory:
         summary.append(_row(r["phase"], NAN, r["value"], NAN, ""))
 

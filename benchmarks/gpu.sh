@@ -7,7 +7,7 @@
 # end through Ray Tune and MLflow (phases, peak GPU memory) and trial packing (1, 2, 4, 8 trials on the GPU),
 # each under a timeout, writing <step>.json, log.txt (everything shown on screen), environment.txt and
 # summary.md into OUTDIR. A failing or timed-out step is recorded and the next one still runs; the exit status
-# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 130 + 80 + 80 + 170 s of steps, plus ~20 s
+# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 130 + 80 + 110 + 140 s of steps, plus ~20 s
 # of set-up; expected ~4 minutes.
 #
 # Python: $PYTHON if set, else the project's .venv/bin/python, else `python`; the project root found from this
@@ -110,8 +110,14 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, shown and appen
 step train_throughput 130 "$PY" -m benchmarks.train_throughput --device "$DEVICE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUTDIR"
 step attack_throughput 80 "$PY" -m benchmarks.attack_throughput --device "$DEVICE" "${ATTACK_ARGS[@]}" \
   --out "$OUTDIR"
-step trial_profile 80 "$PY" -m benchmarks.trial_profile --device "$DEVICE" "${PROFILE_ARGS[@]}" --out "$OUTDIR"
-step packing 170 "$PY" -m benchmarks.packing --device "$DEVICE" "${PACK_ARGS[@]}" --out "$OUTDIR"
+step trial_profile 110 "$PY" -m benchmarks.trial_profile --device "$DEVICE" "${PROFILE_ARGS[@]}" --out "$OUTDIR"
+# A profile killed by its timeout leaves its MLflow server (own session) and Ray behind: they must not share
+# the GPU with the packing step.
+if [[ "${FAILED[*]-}" == *"trial_profile ("* ]]; then
+  pkill -f gce-bench-profile- 2>/dev/null || true
+  "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
+fi
+step packing 140 "$PY" -m benchmarks.packing --device "$DEVICE" "${PACK_ARGS[@]}" --out "$OUTDIR"
 
 echo "== summary ==" | tee -a "$LOG"
 "$PY" - "$OUTDIR" ${FAILED[@]+"${FAILED[@]}"} <<'EOF' 2>&1 | tee -a "$LOG" || FAILED+=("summary")

@@ -23,6 +23,7 @@ from benchmarks.common import report
 from gce.train import resolve_device
 
 PHASES = [  # (label, metric): the parts of time/trial_s
+    ("MLflow: the trial's run (create, params)", "time/run_start_s"),
     ("data loading", "time/data_s"),
     ("training compute (incl. per-epoch val)", "time/fit_compute_s"),
     ("MLflow: per-epoch metrics", "time/log_s"),
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_device(args.device)
     spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots,
                                   max_examples=args.max_examples))
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="gce-bench-profile-") as tmp:  # gpu.sh cleans up by this name
         server = ensure_server(Path(tmp) / "mlflow", port=free_port())
         try:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     trial = mean("time/trial_s")
     rows = [{"phase": label, "seconds": mean(key), "share_of_trial": mean(key) / trial} for label, key in PHASES]
     accounted = sum(r["seconds"] for r in rows)
-    rows.append({"phase": "other (trial start, run creation, final metrics)", "seconds": trial - accounted,
+    rows.append({"phase": "other (Ray context, config)", "seconds": trial - accounted,
                  "share_of_trial": (trial - accounted) / trial})
     rows.append({"phase": "whole trial", "seconds": trial, "share_of_trial": 1.0})
     tracking = mean("time/tracking_share")
@@ -104,8 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         row.setdefault("value", float("nan"))
     print(f"one trial profiled end to end: mean of {len(metrics)} trial(s), LeNet-5, MNIST-5k, {args.epochs} epochs, "
-          f"FGSM + PGD-40 at 3 eps on val (400) + test (1,000) images, plots {'off' if args.no_plots else 'on'}, "
-          f"device {device}")
+          f"FGSM + PGD-40 at 3 eps on up to {args.max_examples} val + test images, "
+          f"plots {'off' if args.no_plots else 'on'}, device {device}")
     path = report("trial_profile_no_plots" if args.no_plots else "trial_profile", rows, device, args.out)
     print(f"written: {path}")
     return rows

@@ -145,17 +145,19 @@ def batches(data, batch_size: int = 500, *, device: torch.device | str | None = 
 def attack_in_chunks(attack, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """The attack on the whole batch, or, when the accelerator runs out of memory, on halves (recursively):
     evaluation batches can be as large as the device allows (``batch_size`` = all examples on CUDA) without
-    a trial failing on a bigger model. Per-example attacks give the same result in any split."""
+    a trial failing on a bigger model. Deterministic attacks give the same result in any split; randomised
+    ones (random starts) draw other noise once a split happened."""
     try:
         return attack(model, x, y)
     except torch.OutOfMemoryError:
         if len(y) <= 1:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(y) // 2
-        return torch.cat([attack_in_chunks(attack, model, x[:half], y[:half]),
-                          attack_in_chunks(attack, model, x[half:], y[half:])])
+    # Retried outside the handler: inside it, the traceback would keep the failed attempt's tensors alive.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(y) // 2
+    return torch.cat([attack_in_chunks(attack, model, x[:half], y[:half]),
+                      attack_in_chunks(attack, model, x[half:], y[half:])])
 
 
 def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig], *, train_loss: LossFn | None = None,

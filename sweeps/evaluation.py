@@ -90,10 +90,18 @@ def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters) -> _Artif
     """Checkpoint, config and what the plots the paper's argument needs (curves, confusion, embedding,
     examples) are drawn from."""
     folder = tempfile.TemporaryDirectory()
-    inputs = _ArtifactInputs(trainer.config.to_dict(), folder,
-                             trainer.save_checkpoint(Path(folder.name) / "final.pt"))
-    if not spec.evaluation.plots:
-        return inputs
+    try:
+        inputs = _ArtifactInputs(trainer.config.to_dict(), folder,
+                                 trainer.save_checkpoint(Path(folder.name) / "final.pt"))
+        if spec.evaluation.plots:
+            _plot_inputs(inputs, spec, trainer, val, clusters)
+    except BaseException:
+        folder.cleanup()
+        raise
+    return inputs
+
+
+def _plot_inputs(inputs: _ArtifactInputs, spec: SweepSpec, trainer: Trainer, val, clusters) -> None:
     for norm, curve in val.curves().items():
         series = {label: dict(zip(curve.eps, accs, strict=True)) for label, accs in curve.accuracy.items()}
         inputs.curves.append((norm, series, curve.clean_acc))
@@ -102,7 +110,6 @@ def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters) -> _Artif
     inputs.embedding = (clusters.embedding.coords.numpy(), clusters.embedding.labels.numpy())
     if val.primary is not None:
         inputs.grid = _adversarial_grid(trainer, val)
-    return inputs
 
 
 def _log_artifacts(logger: RunLogger, run_id: str, inputs: _ArtifactInputs) -> None:

@@ -60,7 +60,7 @@ def _dataset(name: str, root: str | None, download: bool, val_size: float, seed:
 
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
-    from gce.train import fit
+    from gce.train import fit, resolve_device
     from tracking.logger import RunLogger
 
     # Where a trial's time goes, logged with its results: data, training, per-epoch tracking, Ray reporting
@@ -72,20 +72,21 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     train_config = spec.trial_config(point, seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
     trial_id = tune.get_context().get_trial_id()
-    logger = RunLogger(context.tracking_uri, context.experiment)
     # Unset options (α of a CE trial, no adversarial training) are left out, not logged as "None".
     params = {k: v for k, v in train_config.to_flat().items() if v is not None}
     params["sweep.point"] = _describe(point)
-    run_id = logger.start_trial(context.sweep_id, trial_id, params, parent_run_id=context.parent_run_id,
-                                run_name=f"{trial_id} {_describe(point)} seed={seed}")
-    logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
+    with clock("run_start"):  # the trial's MLflow run: tracking cost too
+        logger = RunLogger(context.tracking_uri, context.experiment)
+        run_id = logger.start_trial(context.sweep_id, trial_id, params, parent_run_id=context.parent_run_id,
+                                    run_name=f"{trial_id} {_describe(point)} seed={seed}")
+        logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
     ended = False
     try:
         with clock("data"):
             d = train_config.data
             data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
         resume = tune.get_checkpoint()
-        if torch.cuda.is_available():
+        if resolve_device(train_config.device).type == "cuda":  # a CPU trial must not create a CUDA context
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -151,8 +152,9 @@ class _Clock:
         log, report = sec.get("log", 0.0), sec.get("report", 0.0)
         trial = time.perf_counter() - self.start
         return {"time/data_s": sec.get("data", 0.0), "time/fit_compute_s": max(fit_s - log - report, 0.0),
-                "time/log_s": log, "time/report_s": report, "time/trial_s": trial,
-                "time/tracking_share": (log + artifacts_s) / trial, "time/report_share": report / trial}
+                "time/log_s": log, "time/run_start_s": sec.get("run_start", 0.0), "time/report_s": report,
+                "time/trial_s": trial, "time/report_share": report / trial,
+                "time/tracking_share": (sec.get("run_start", 0.0) + log + artifacts_s) / trial}
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:

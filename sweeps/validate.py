@@ -131,8 +131,8 @@ def _fails(attack) -> bool:
 
 
 # A trial's own profile (sweeps.trainable): seconds per phase, shares of the trial, peak memory.
-TIME_METRICS = ("time/data_s", "time/fit_compute_s", "time/log_s", "time/report_s", "time/artifacts_s",
-                "time/trial_s", "time/tracking_share", "time/report_share", "mem/peak_rss_mb")
+TIME_METRICS = ("time/data_s", "time/fit_compute_s", "time/log_s", "time/run_start_s", "time/report_s",
+                "time/artifacts_s", "time/trial_s", "time/tracking_share", "time/report_share", "mem/peak_rss_mb")
 
 
 def metric_names(spec: SweepSpec) -> set[str]:

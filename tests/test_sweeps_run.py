@@ -54,10 +54,12 @@ def test_grid_sweep_end_to_end_parent_children_metrics_artifacts(ray_local, mlfl
         # The trial's own profile: every phase timed, the parts add up to no more than the whole.
         m = run.data.metrics
         assert set(TIME_METRICS) <= set(m)
-        parts = m["time/data_s"] + m["time/train_s"] + m["time/eval_s"] + m["time/artifacts_s"]
+        parts = (m["time/run_start_s"] + m["time/data_s"] + m["time/train_s"] + m["time/eval_s"]
+                 + m["time/artifacts_s"])
         assert 0 < parts <= m["time/trial_s"] + 1e-6
         assert m["time/fit_compute_s"] + m["time/log_s"] + m["time/report_s"] == pytest.approx(m["time/train_s"])
-        assert m["time/log_s"] > 0 and m["time/report_s"] > 0 and m["mem/peak_rss_mb"] > 50
+        assert m["time/log_s"] > 0 and m["time/run_start_s"] > 0 and m["time/report_s"] > 0
+        assert m["mem/peak_rss_mb"] > 50
         assert 0 < m["time/tracking_share"] < 1
         # A conditional space never gives α to a non-GCE trial.
         assert ("loss.alpha" in run.data.params) == (run.data.params["loss.name"] == "gce")

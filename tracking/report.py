@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tracking import plots
 from tracking.paper import paper_numbers
-from tracking.queries import Group, compare_runs, varying_params
+from tracking.queries import SEED_PARAM, Group, compare_runs, varying_params
 
 __all__ = ["Report", "build_report", "write_report"]
 
@@ -129,11 +129,18 @@ def build_report(client, experiment: str, *, sweep_id: str | None = None, split:
 
 
 def _paper_gce(groups: list[Group]) -> tuple[Group | None, Group | None]:
-    """The CE configuration and the GCE one at the paper's α = 1/3 (else the first GCE), when both exist."""
-    ce = next((g for g in groups if g.params.get("loss.name") == "ce"), None)
-    gces = [g for g in groups if g.params.get("loss.name") == "gce"]
+    """The CE configuration and the GCE one at the paper's α = 1/3 (else the first GCE) that differ from it in
+    the loss alone; (None, None) when the study has no such single pair (other factors vary too)."""
+    def rest(g: Group) -> dict:
+        return {k: v for k, v in g.params.items()
+                if not k.startswith("loss.") and k != "sweep.point" and not SEED_PARAM.search(k)}
+
+    ces = [g for g in groups if g.params.get("loss.name") == "ce"]
+    if len(ces) != 1:
+        return None, None
+    gces = [g for g in groups if g.params.get("loss.name") == "gce" and rest(g) == rest(ces[0])]
     paper = [g for g in gces if math.isclose(float(g.params.get("loss.alpha") or 1 / 3), 1 / 3, rel_tol=1e-3)]
-    return ce, (paper or gces or [None])[0]
+    return (ces[0], (paper or gces)[0]) if gces else (None, None)
 
 
 def _delta(gce: Group, ce: Group, key: str | None) -> str:
@@ -159,7 +166,7 @@ def _gains(groups: list[Group], keys, dataset: str | None) -> str:
     for attack in ("fgsm", "bim", "pgd", "mim"):
         for eps in radii:
             paper = paper_numbers(dataset, f"{attack}-train", eps) if dataset else None
-            if not paper and (f"{attack}-train", eps) not in by:
+            if not paper and (f"{attack}-train", eps) not in by and (attack, eps) not in by:
                 continue
             paper_gap = f"{paper['gce'] - paper['ce']:+.1f}" if paper and "gce" in paper and "ce" in paper else ""
             rows.append([attack.upper(), f"{eps:g}", paper_gap, _delta(gce, ce, by.get((f"{attack}-train", eps))),
