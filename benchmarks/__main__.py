@@ -25,8 +25,13 @@ def _row(benchmark: str, baseline: float, ours: float, ratio: float, baseline_is
             "target": target, "met": "" if met is None else ("yes" if met else "NO")}
 
 
+def _find(rows: list[dict], prefix: str) -> dict:
+    """The trial-profile row whose phase starts with ``prefix``."""
+    return next(r for r in rows if r["phase"].startswith(prefix))
+
+
 def _phase(rows: list[dict], prefix: str) -> float:
-    return next(r for r in rows if r["phase"].startswith(prefix))["seconds"]
+    return _find(rows, prefix)["seconds"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -71,12 +76,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("\n== one trial, end to end ==")
     profile = ["--epochs", "4", "--max-examples", "200"] if args.quick else ["--epochs", "20"]
     rows = trial_profile.main([*profile, *dev, *out])
-    by = {r["phase"]: r for r in rows}
     evaluation_s = _phase(rows, "evaluation") + _phase(rows, "MLflow: artifacts")
-    trial_s = by["whole trial"]["seconds"]
-    tracking = next(r for r in rows if r["phase"].startswith("tracking total"))
-    metrics_only = next(r for r in rows if r["phase"].startswith("MLflow: per-epoch"))
-    reporting = next(r for r in rows if r["phase"].startswith("Ray:"))
+    trial_s = _phase(rows, "whole trial")
+    tracking, metrics_only, reporting = (_find(rows, p) for p in ("tracking total", "MLflow: per-epoch", "Ray:"))
     summary.append(_row(f"trial of {trial_s:.0f} s: tracking the trial itself (run, metrics, artifacts), %", NAN,
                         100 * tracking["share_of_trial"], NAN, ""))
     summary.append(_row("  of which per-epoch metrics, %", NAN, 100 * metrics_only["share_of_trial"], NAN, ""))
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     memory = [r for r in rows if r["phase"].startswith("peak")]
     print("\n== the same trial with evaluation.plots: false ==")
     rows = trial_profile.main([*profile, "--no-plots", *dev, *out])
-    share = next(r for r in rows if r["phase"].startswith("tracking total"))["share_of_trial"]
+    share = _find(rows, "tracking total")["share_of_trial"]
     summary.append(_row("  the same with plots: false, %", NAN, 100 * share, NAN, "", "<= 2%", share <= 0.02))
     # Plots render in a thread beside the test-split attacks, contending with them: what they really cost is
     # the A/B difference of evaluation + artifacts (training, which plots do not touch, only adds noise),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +30,22 @@ def timed(fn: Callable[[], int], device: torch.device, repeats: int = 3) -> floa
         sync(device)
         best = max(best, n / (time.perf_counter() - start))
     return best
+
+
+@contextmanager
+def fresh_tracking_server(prefix: str = "gce-bench-") -> Iterator[tuple[str, Path]]:
+    """(URL, scratch folder) of a fresh embedded MLflow server (SQLite) in a temporary folder, stopped and
+    removed afterwards: a benchmark measures an empty server, never the user's."""
+    from tracking.connection import free_port
+    from tracking.server import ensure_server, stop_server
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        root = Path(tmp) / "mlflow"
+        server = ensure_server(root, port=free_port())
+        try:
+            yield server.url, Path(tmp)
+        finally:
+            stop_server(root)
 
 
 def environment(device: torch.device) -> dict[str, str]:

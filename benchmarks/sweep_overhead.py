@@ -15,14 +15,13 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from benchmarks.common import report
+from benchmarks.common import fresh_tracking_server, report
 from gce.data import load_dataset
 from gce.latent import confusion_matrix, latent_clusters
 from gce.train import fit
@@ -70,34 +69,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import ray
 
     from sweeps.launcher import run_sweep
-    from tracking.connection import free_port
-    from tracking.server import ensure_server, stop_server
 
     spec = load_spec(tiny_spec(args.trials, args.epochs))
-    with tempfile.TemporaryDirectory() as tmp:
-        server = ensure_server(Path(tmp) / "mlflow", port=free_port())
-        try:
-            in_process(spec)  # warm-up: imports, dataset cache, allocator
-            baseline = in_process(spec)
+    with fresh_tracking_server() as (url, tmp):
+        in_process(spec)  # warm-up: imports, dataset cache, allocator
+        baseline = in_process(spec)
+        start = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray_start = time.perf_counter() - start
+        start = time.perf_counter()
+        result = run_sweep(spec, tracking_uri=url, storage=tmp / "ray")
+        swept = time.perf_counter() - start
+        ray.shutdown()
+        assert result.errors == 0, "a benchmark trial failed"
+        cli = None
+        if args.cli:
+            path = tmp / "spec.yaml"
+            path.write_text(yaml.safe_dump(tiny_spec(args.trials, args.epochs)))
+            env = {**os.environ, "MLFLOW_TRACKING_URI": url, "GCE_RAY_RESULTS": str(tmp / "cli")}
             start = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-            ray_start = time.perf_counter() - start
-            start = time.perf_counter()
-            result = run_sweep(spec, tracking_uri=server.url, storage=Path(tmp) / "ray")
-            swept = time.perf_counter() - start
-            ray.shutdown()
-            assert result.errors == 0, "a benchmark trial failed"
-            cli = None
-            if args.cli:
-                path = Path(tmp) / "spec.yaml"
-                path.write_text(yaml.safe_dump(tiny_spec(args.trials, args.epochs)))
-                env = {**os.environ, "MLFLOW_TRACKING_URI": server.url, "GCE_RAY_RESULTS": str(Path(tmp) / "cli")}
-                start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(path)], env=env, check=True,
-                               capture_output=True)
-                cli = time.perf_counter() - start
-        finally:
-            stop_server(Path(tmp) / "mlflow")
+            subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(path)], env=env, check=True,
+                           capture_output=True)
+            cli = time.perf_counter() - start
     n = args.trials
     rows = [
         {"what": f"{n} trials in-process (no Ray, no MLflow)", "seconds": baseline, "per_trial_s": baseline / n,

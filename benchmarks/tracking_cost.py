@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import report
-from tracking.connection import check_server, free_port
+from benchmarks.common import fresh_tracking_server, report
+from tracking.connection import check_server
 from tracking.logger import RunLogger
-from tracking.server import ensure_server, stop_server
 
 
 def epoch_metrics(n: int, epoch: int, prefix: str) -> dict[str, float]:
@@ -65,17 +63,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="gce-bench-") as tmp:
-        uri, where = args.tracking_uri, args.tracking_uri
-        if uri:
-            check_server(uri)
-        else:
-            uri, where = ensure_server(tmp, port=free_port()).url, "embedded server (SQLite, fresh)"
-        try:
-            batched, single = measure(uri, args.epochs, args.metrics)
-        finally:
-            if not args.tracking_uri:
-                stop_server(tmp)
+    if args.tracking_uri:
+        check_server(args.tracking_uri)
+        where = args.tracking_uri
+        batched, single = measure(args.tracking_uri, args.epochs, args.metrics)
+    else:
+        where = "embedded server (SQLite, fresh)"
+        with fresh_tracking_server() as (url, _):
+            batched, single = measure(url, args.epochs, args.metrics)
 
     per_metric_ms, batched_ms = statistics.median(single) * 1e3, statistics.median(batched) * 1e3
     rows = [

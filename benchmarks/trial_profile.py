@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
-from benchmarks.common import report
+from benchmarks.common import fresh_tracking_server, report
 from gce.train import resolve_device
 
 PHASES = [  # (label, metric): the parts of time/trial_s
@@ -65,26 +64,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from sweeps.launcher import run_sweep
     from sweeps.spec import load_spec
-    from tracking.connection import free_port
     from tracking.logger import ROLE_TAG, SWEEP_TAG
-    from tracking.server import ensure_server, stop_server
 
     device = resolve_device(args.device)
     spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots,
                                   max_examples=args.max_examples))
-    with tempfile.TemporaryDirectory(prefix="gce-bench-profile-") as tmp:  # gpu.sh cleans up by this name
-        server = ensure_server(Path(tmp) / "mlflow", port=free_port())
-        try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-            result = run_sweep(spec, tracking_uri=server.url, storage=Path(tmp) / "ray")
-            ray.shutdown()
-            assert result.errors == 0, "a profiled trial failed"
-            client = MlflowClient(server.url)
-            exp = client.get_experiment_by_name(result.experiment)
-            runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{result.sweep_id}'")
-            metrics = [r.data.metrics for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
-        finally:
-            stop_server(Path(tmp) / "mlflow")
+    with fresh_tracking_server("gce-bench-profile-") as (url, tmp):  # gpu.sh cleans up by this name
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        result = run_sweep(spec, tracking_uri=url, storage=tmp / "ray")
+        ray.shutdown()
+        assert result.errors == 0, "a profiled trial failed"
+        client = MlflowClient(url)
+        exp = client.get_experiment_by_name(result.experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{result.sweep_id}'")
+        metrics = [r.data.metrics for r in runs if r.data.tags.get(ROLE_TAG) == "trial"]
 
     def mean(key: str) -> float:
         return statistics.fmean(m[key] for m in metrics)

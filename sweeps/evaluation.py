@@ -48,7 +48,7 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     # the diagnostics are attacked (torch releases the GIL; matplotlib and HTTP need little else).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gce-artifacts") as pool:
         prep = time.perf_counter()
-        inputs = _artifact_inputs(spec, trainer, val, clusters)
+        inputs = _artifact_inputs(spec, trainer, val, clusters, batch_size)
         artifacts_s = time.perf_counter() - prep
         uploads = pool.submit(_log_artifacts, logger, run_id, inputs)
         if ev.test:
@@ -86,7 +86,7 @@ class _ArtifactInputs:
     grid: tuple | None = None  # (x, x_adv, y, clean predictions, adversarial predictions), on the CPU
 
 
-def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters) -> _ArtifactInputs:
+def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters, batch_size: int) -> _ArtifactInputs:
     """Checkpoint, config and what the plots the paper's argument needs (curves, confusion, embedding,
     examples) are drawn from."""
     folder = tempfile.TemporaryDirectory()
@@ -94,19 +94,19 @@ def _artifact_inputs(spec: SweepSpec, trainer: Trainer, val, clusters) -> _Artif
         inputs = _ArtifactInputs(trainer.config.to_dict(), folder,
                                  trainer.save_checkpoint(Path(folder.name) / "final.pt"))
         if spec.evaluation.plots:
-            _plot_inputs(inputs, spec, trainer, val, clusters)
+            _plot_inputs(inputs, trainer, val, clusters, batch_size)
     except BaseException:
         folder.cleanup()
         raise
     return inputs
 
 
-def _plot_inputs(inputs: _ArtifactInputs, spec: SweepSpec, trainer: Trainer, val, clusters) -> None:
+def _plot_inputs(inputs: _ArtifactInputs, trainer: Trainer, val, clusters, batch_size: int) -> None:
     for norm, curve in val.curves().items():
         series = {label: dict(zip(curve.eps, accs, strict=True)) for label, accs in curve.accuracy.items()}
         inputs.curves.append((norm, series, curve.clean_acc))
-    inputs.confusion = confusion_matrix(trainer.model, DeviceLoader(
-        trainer.data.val, spec.evaluation.resolved_batch_size(trainer.device), device=trainer.device)).numpy()
+    inputs.confusion = confusion_matrix(trainer.model, DeviceLoader(trainer.data.val, batch_size,
+                                                                    device=trainer.device)).numpy()
     inputs.embedding = (clusters.embedding.coords.numpy(), clusters.embedding.labels.numpy())
     if val.primary is not None:
         inputs.grid = _adversarial_grid(trainer, val)
