@@ -9,9 +9,10 @@ sweep spec (sweeps/) validates its own layer and builds these.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from gce.validation import is_int, is_number
 
 if TYPE_CHECKING:
     from gce.attacks import AttackConfig
@@ -42,14 +43,6 @@ def _require(ok: bool, field_name: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{field_name}: must be {allowed}; got {value!r}")
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass
 class DataConfig:
     dataset: str = "mnist5k"
@@ -64,11 +57,10 @@ class DataConfig:
         from gce.data import DATASETS
 
         _require(self.dataset in DATASETS, "data.dataset", f"one of {sorted(DATASETS)}", self.dataset)
-        _require(_number(self.val_size) and self.val_size > 0, "data.val_size", "a fraction in (0, 1) or a count >= 1",
-                 self.val_size)
-        _require(self.limit is None or _positive_int(self.limit), "data.limit", "null or an integer >= 1", self.limit)
-        _require(_positive_int(self.eval_batch_size), "data.eval_batch_size", "an integer >= 1",
-                 self.eval_batch_size)
+        _require(is_number(self.val_size) and self.val_size > 0, "data.val_size",
+                 "a fraction in (0, 1) or a count >= 1", self.val_size)
+        _require(self.limit is None or is_int(self.limit), "data.limit", "null or an integer >= 1", self.limit)
+        _require(is_int(self.eval_batch_size), "data.eval_batch_size", "an integer >= 1", self.eval_batch_size)
 
 
 @dataclass
@@ -97,7 +89,7 @@ class LossConfig:
         if self.name == "gce":
             if self.alpha is None:
                 self.alpha = 1 / 3
-            _require(_number(self.alpha) and self.alpha >= 0, "loss.alpha", "a finite number >= 0", self.alpha)
+            _require(is_number(self.alpha, 0), "loss.alpha", "a finite number >= 0", self.alpha)
         else:
             _require(self.alpha is None, "loss.alpha", f"null for loss {self.name!r} (α applies only to 'gce')",
                      self.alpha)
@@ -115,11 +107,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         _require(self.name in OPTIMIZERS, "optim.name", f"one of {list(OPTIMIZERS)}", self.name)
-        _require(_number(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
-        _require(_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
-        _require(len(self.betas) == 2 and all(_number(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
+        _require(is_number(self.lr) and self.lr > 0, "optim.lr", "a finite number > 0", self.lr)
+        _require(is_number(self.momentum) and 0 <= self.momentum < 1, "optim.momentum", "in [0, 1)", self.momentum)
+        _require(len(self.betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in self.betas), "optim.betas",
                  "two numbers in [0, 1)", self.betas)
-        _require(_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay", "a number >= 0",
+        _require(is_number(self.weight_decay, 0), "optim.weight_decay", "a number >= 0",
                  self.weight_decay)
         _require(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "optim.nesterov",
                  "true only with optim.name 'sgd' and momentum > 0", self.nesterov)
@@ -134,10 +126,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _require(self.name in SCHEDULES, "schedule.name", f"one of {list(SCHEDULES)}", self.name)
-        _require(_positive_int(self.step_size), "schedule.step_size", "an integer >= 1", self.step_size)
-        _require(_number(self.gamma) and 0 < self.gamma <= 1, "schedule.gamma", "in (0, 1]", self.gamma)
-        _require(isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0, "schedule.warmup_epochs",
-                 "an integer >= 0", self.warmup_epochs)
+        _require(is_int(self.step_size), "schedule.step_size", "an integer >= 1", self.step_size)
+        _require(is_number(self.gamma) and 0 < self.gamma <= 1, "schedule.gamma", "in (0, 1]", self.gamma)
+        _require(is_int(self.warmup_epochs, 0), "schedule.warmup_epochs", "an integer >= 0", self.warmup_epochs)
 
 
 @dataclass
@@ -162,14 +153,13 @@ class TrainConfig:
     _SECTIONS = ("data", "model", "loss", "optim", "schedule")
 
     def __post_init__(self) -> None:
-        _require(_positive_int(self.epochs), "train.epochs", "an integer >= 1", self.epochs)
-        _require(_positive_int(self.batch_size), "train.batch_size", "an integer >= 1", self.batch_size)
-        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool), "train.seed", "an integer",
-                 self.seed)
+        _require(is_int(self.epochs), "train.epochs", "an integer >= 1", self.epochs)
+        _require(is_int(self.batch_size), "train.batch_size", "an integer >= 1", self.batch_size)
+        _require(is_int(self.seed, None), "train.seed", "an integer", self.seed)
         _require(self.device in DEVICES or str(self.device).startswith("cuda:"), "train.device",
                  f"one of {list(DEVICES)} or 'cuda:N'", self.device)
         _require(self.precision in PRECISIONS, "train.precision", f"one of {list(PRECISIONS)}", self.precision)
-        _require(self.max_batches is None or _positive_int(self.max_batches), "train.max_batches",
+        _require(self.max_batches is None or is_int(self.max_batches), "train.max_batches",
                  "null or an integer >= 1", self.max_batches)
         if isinstance(self.adversarial, dict):
             from gce.attacks import AttackConfig

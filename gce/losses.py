@@ -18,6 +18,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from gce.validation import check_number
+
 __all__ = [
     "LOSSES",
     "NORMALIZATIONS",
@@ -122,8 +124,7 @@ def guided_complement_entropy(
     ``normalization="code"`` divides by log K as the authors' released code does. The guiding factor
     ŷ_g^α = exp(α log ŷ_g) is differentiated through, as in the authors' code: that is what raises ŷ_g.
     """
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0; got {alpha!r}")
+    check_number("alpha", alpha)
     _check(logits, target, 3, reduction)
     log_y_g, neg_entropy = _complement_terms(logits, target)
     guide = torch.exp(alpha * log_y_g)

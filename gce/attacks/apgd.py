@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, LossFn, ascent_direction, check_int, check_number, project
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+from gce.attacks.base import Attack, LossFn, ascent_direction, project
+from gce.validation import check_int, check_number
 
 __all__ = ["APGD"]
 
@@ -51,7 +49,7 @@ class APGD(Attack):
     """
 
     name: ClassVar[str] = "apgd"
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "random_start", "loss", "alpha"})
+    default_random_start: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -65,27 +63,11 @@ class APGD(Attack):
         loss_fn: LossFn | None = None,
         targeted: bool = False,
     ) -> None:
-        check_int("steps", steps)
-        check_int("restarts", restarts)
-        check_number("rho", rho)
-        self.random_start = True if random_start is None else random_start
-        if restarts > 1 and not self.random_start:
-            raise ValueError("restarts > 1 needs random_start=True (apgd is deterministic without it)")
         super().__init__(eps, norm=norm, loss_fn=loss_fn, targeted=targeted, restarts=restarts)
+        self.random_start = self._random_start(random_start)
+        check_int("steps", steps)
+        check_number("rho", rho)
         self.steps, self.rho = steps, float(rho)
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> APGD:
-        """Build from an ``AttackConfig``; ``step_size`` does not apply (APGD sets its own)."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            steps=cfg.steps,
-            random_start=cfg.random_start,
-            restarts=cfg.restarts,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-        )
 
     def _start(self, x: Tensor) -> Tensor:
         """A random point on the ball's surface (as the reference code does), or x itself."""

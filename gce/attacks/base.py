@@ -16,7 +16,6 @@ Conventions, for every attack in this package:
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -25,22 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from gce.losses import cross_entropy
+from gce.validation import check_int, check_number
 
 __all__ = ["Attack", "LossFn", "ascent_direction", "eval_mode", "input_grad", "project", "random_start_point"]
 
 LossFn = Callable[..., Tensor]
-
-
-def check_int(field: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field} must be an integer >= {minimum}; got {value!r}")
-
-
-def check_number(field: str, value: object, *, minimum: float = 0.0, allow_inf: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    if not ok or value < minimum or (math.isinf(value) and not allow_inf):
-        kind = "a number" if allow_inf else "a finite number"
-        raise ValueError(f"{field} must be {kind} >= {minimum}; got {value!r}")
 
 
 def check_norm(attack: str, norm: str, allowed: tuple[str, ...]) -> None:
@@ -126,6 +114,9 @@ class Attack:
     Subclasses set ``name``, ``norms`` (the first is the default) and implement ``perturb``. Restarts are run
     one after another on the examples no earlier run has fooled (AutoAttack's bookkeeping); per example, the
     first candidate that fools is kept, else the one with the highest attack objective.
+
+    ``build_attack`` passes each ``AttackConfig`` field named like a constructor parameter (or mapped to one by
+    ``aliases``), and builds ``loss_fn`` from the config's loss when the constructor takes one.
     """
 
     name: ClassVar[str] = ""
@@ -133,7 +124,8 @@ class Attack:
     default_loss: ClassVar[str | None] = "ce"
     randomized: ClassVar[bool] = True  # False: every run gives the same answer, so restarts > 1 is refused
     unbounded: ClassVar[bool] = False  # True: eps = inf is allowed (a minimal-perturbation attack)
-    config_fields: ClassVar[frozenset[str]] = frozenset()  # optional AttackConfig fields the attack reads
+    default_random_start: ClassVar[bool] = False  # for attacks with a ``random_start`` option
+    aliases: ClassVar[dict[str, str]] = {}  # constructor parameter -> the AttackConfig field that feeds it
 
     def __init__(
         self,
@@ -155,6 +147,15 @@ class Attack:
         if not isinstance(targeted, bool):
             raise ValueError(f"targeted must be a bool; got {targeted!r}")
         self.eps, self.targeted, self.restarts = float(eps), targeted, restarts
+
+    def _random_start(self, random_start: bool | None) -> bool:
+        """The ``random_start`` option resolved against the class default; restarts > 1 need it on."""
+        start = self.default_random_start if random_start is None else random_start
+        if not isinstance(start, bool):
+            raise ValueError(f"random_start must be a bool or None; got {random_start!r}")
+        if self.restarts > 1 and not start:
+            raise ValueError(f"restarts > 1 needs random_start=True ({self.name} is deterministic without it)")
+        return start
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """One run of the attack on a float32 batch; called by ``__call__`` once per restart, in eval mode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -9,20 +10,20 @@ from dataclasses import dataclass, fields
 from torch import Tensor, nn
 
 from gce.attacks.apgd import APGD
-from gce.attacks.base import Attack, LossFn, check_int, check_number
+from gce.attacks.base import Attack, LossFn
 from gce.attacks.bim import BIM
 from gce.attacks.cw import CWL2
 from gce.attacks.fgsm import FGSM
 from gce.attacks.jsma import JSMA
-from gce.attacks.losses import ATTACK_LOSSES, get_attack_loss
+from gce.attacks.losses import get_attack_loss
 from gce.attacks.mim import MIM
 from gce.attacks.pgd import PGD
-from gce.losses import NORMALIZATIONS
+from gce.losses import cross_entropy
 
 __all__ = ["ATTACKS", "AttackConfig", "build_attack"]
 
-#: Attack name -> class. Each class has ``from_config(cfg, loss_fn)``, ``norms`` (first = default),
-#: ``default_loss`` and ``config_fields`` (the optional fields it reads).
+#: Attack name -> class. ``build_attack`` calls the class with the config fields its constructor takes; each
+#: class has ``norms`` (first = default) and ``default_loss``.
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
     "bim": BIM,
@@ -32,10 +33,6 @@ ATTACKS: dict[str, type[Attack]] = {
     "apgd": APGD,
     "jsma": JSMA,
 }
-
-#: Optional fields: None means "the attack's own default"; setting one the attack does not read is an error.
-_OPTIONAL = ("norm", "step_size", "random_start", "loss", "alpha")
-
 
 @dataclass
 class AttackConfig:
@@ -73,38 +70,13 @@ class AttackConfig:
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
             raise ValueError(f"unknown attack name {self.name!r}; known attacks: {sorted(ATTACKS)}")
-        cls = ATTACKS[self.name]
-        for field in _OPTIONAL:
-            if getattr(self, field) is not None and field not in cls.config_fields:
-                raise ValueError(f"{field} does not apply to attack {self.name!r}; leave {field} unset (None)")
-        check_number("eps", self.eps, allow_inf=cls.unbounded)
-        if self.norm is not None and self.norm not in cls.norms:
-            raise ValueError(
-                f"norm {self.norm!r} is not supported by attack {self.name!r}; allowed values: {list(cls.norms)}"
-            )
-        check_int("steps", self.steps)
-        if self.step_size is not None:
-            check_number("step_size", self.step_size, minimum=1e-12)
-        if self.random_start is not None and not isinstance(self.random_start, bool):
-            raise ValueError(f"random_start must be true, false or None; got {self.random_start!r}")
-        check_int("restarts", self.restarts)
-        if self.loss is not None and self.loss not in ATTACK_LOSSES:
-            raise ValueError(f"unknown attack loss {self.loss!r}; loss must be one of {sorted(ATTACK_LOSSES)}")
-        if self.alpha is not None:
-            if self.loss != "gce":
-                raise ValueError(f"alpha applies only to loss 'gce'; got alpha={self.alpha!r}, loss={self.loss!r}")
-            check_number("alpha", self.alpha)
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {self.normalization!r}")
-        if not isinstance(self.targeted, bool):
-            raise ValueError(f"targeted must be true or false; got {self.targeted!r}")
-        check_number("kappa", self.kappa)
-        check_number("c", self.c, minimum=1e-12)
-        check_int("binary_search_steps", self.binary_search_steps)
-        check_number("decay", self.decay)
-        if not isinstance(self.theta, (int, float)) or not (0 < abs(self.theta) <= 1):
-            raise ValueError(f"theta must lie in [-1, 1] and not be 0; got {self.theta!r}")
-        cls.from_config(self, None)  # the attack's own checks across fields (e.g. restarts need randomness)
+        taken = _taken(ATTACKS[self.name])
+        for f in fields(self):  # a field the attack never reads must not look as if it had an effect
+            if f.name not in taken and f.name not in ("name", "eps") and getattr(self, f.name) != f.default:
+                unset = "unset (None)" if f.default is None else f"at its default ({f.default!r})"
+                raise ValueError(f"{f.name} does not apply to attack {self.name!r}; leave {f.name} {unset}")
+        # Every other option is checked once, where it is used: by the attack loss and the attack's constructor.
+        build_attack(self, train_loss=cross_entropy)  # a stand-in for loss "train": the real one comes at build time
 
     def label(self) -> str:
         """Short stable key for metric names: ``val/robust_acc/<label>/eps=<eps>``.
@@ -140,15 +112,24 @@ def build_attack(cfg: AttackConfig, train_loss: LossFn | None = None) -> Callabl
     if not isinstance(cfg, AttackConfig):
         raise ValueError(f"cfg must be an AttackConfig; got {type(cfg).__name__}")
     cls = ATTACKS[cfg.name]
-    loss_name = cfg.loss if cfg.loss is not None else cls.default_loss
-    loss_fn = None
-    if loss_name is not None:
-        loss_fn = get_attack_loss(
-            loss_name,
+    taken = _taken(cls)
+    kwargs = {p: getattr(cfg, f) for f, p in taken.items() if p != "loss_fn" and getattr(cfg, f) is not None}
+    if "loss" in taken:  # None options are left to the constructor's defaults; the loss is built here
+        kwargs["loss_fn"] = get_attack_loss(
+            cfg.loss if cfg.loss is not None else cls.default_loss,
             alpha=cfg.alpha,
             normalization=cfg.normalization,
             kappa=cfg.kappa,
             targeted=cfg.targeted,
             train_loss=train_loss,
         )
-    return cls.from_config(cfg, loss_fn)
+    return cls(**kwargs)
+
+
+def _taken(cls: type[Attack]) -> dict[str, str]:
+    """The ``AttackConfig`` fields the attack's constructor takes -> the parameter each one feeds: same-named
+    parameters, the class's ``aliases``, and the loss's fields when it takes a ``loss_fn`` (built from them)."""
+    params = inspect.signature(cls).parameters
+    loss = {f: "loss_fn" for f in ("loss", "alpha", "normalization", "kappa")} if "loss_fn" in params else {}
+    taken = loss | {cls.aliases.get(param, param): param for param in params}
+    return {f.name: taken[f.name] for f in fields(AttackConfig) if f.name in taken}

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, LossFn, check_int, check_number
+from gce.attacks.base import Attack, LossFn
 from gce.attacks.losses import _label_and_best_other, margin_loss
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+from gce.validation import check_int, check_number
 
 __all__ = ["CWL2"]
 
@@ -59,7 +57,7 @@ class CWL2(Attack):
     default_loss: ClassVar[str | None] = "cw"
     randomized: ClassVar[bool] = False
     unbounded: ClassVar[bool] = True
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "loss", "alpha"})
+    aliases: ClassVar[dict[str, str]] = {"lr": "step_size"}  # AttackConfig.step_size is Adam's lr
 
     def __init__(
         self,
@@ -85,22 +83,6 @@ class CWL2(Attack):
         super().__init__(eps, norm=norm, loss_fn=loss_fn, targeted=targeted, restarts=restarts)
         self.kappa, self.c, self.lr = float(kappa), float(c), float(lr)
         self.binary_search_steps, self.steps = binary_search_steps, steps
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> CWL2:
-        """Build from an ``AttackConfig``: ``step_size`` is Adam's learning rate (None: 1e-2)."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            kappa=cfg.kappa,
-            c=cfg.c,
-            binary_search_steps=cfg.binary_search_steps,
-            steps=cfg.steps,
-            lr=1e-2 if cfg.step_size is None else cfg.step_size,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-            restarts=cfg.restarts,
-        )
 
     def _succeeded(self, logits: Tensor, y: Tensor) -> Tensor:
         z_y, other = _label_and_best_other(logits, y)

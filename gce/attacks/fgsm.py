@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from gce.attacks.base import LossFn
 from gce.attacks.iterative import IterativeAttack
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
 
 __all__ = ["FGSM"]
 
@@ -41,7 +38,6 @@ class FGSM(IterativeAttack):
     """
 
     name: ClassVar[str] = "fgsm"
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "random_start", "loss", "alpha"})
 
     def __init__(
         self,
@@ -53,25 +49,11 @@ class FGSM(IterativeAttack):
         random_start: bool | None = None,
         restarts: int = 1,
     ) -> None:
+        """``steps`` and ``step_size`` are not options: one step of ε."""
         super().__init__(
-            eps,
-            norm=norm,
-            steps=1,
-            step_size=eps,
-            random_start=random_start,
-            restarts=restarts,
-            loss_fn=loss_fn,
-            targeted=targeted,
+            eps, norm=norm, steps=1, random_start=random_start, restarts=restarts, loss_fn=loss_fn, targeted=targeted
         )
 
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> FGSM:
-        """Build from an ``AttackConfig``; ``steps`` and ``step_size`` do not apply (one step of ε)."""
-        return cls(
-            cfg.eps,
-            norm=cfg.norm,
-            loss_fn=loss_fn,
-            targeted=cfg.targeted,
-            random_start=cfg.random_start,
-            restarts=cfg.restarts,
-        )
+    @staticmethod
+    def default_step_size(eps: float, steps: int) -> float:
+        return eps

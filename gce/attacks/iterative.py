@@ -14,15 +14,11 @@ the batch *mean* with an additive 1e-10, which shortens its steps where gradient
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
-
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, LossFn, ascent_direction, check_int, check_number, project, random_start_point
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+from gce.attacks.base import Attack, LossFn, ascent_direction, project, random_start_point
+from gce.validation import check_int, check_number
 
 __all__ = ["IterativeAttack", "MomentumStep", "StepRule"]
 
@@ -68,9 +64,6 @@ class IterativeAttack(Attack):
     Subclasses choose ``default_random_start`` and ``default_step_size``; ``rule`` defaults to the plain step.
     """
 
-    default_random_start: ClassVar[bool] = False
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm", "step_size", "random_start", "loss", "alpha"})
-
     def __init__(
         self,
         eps: float,
@@ -84,24 +77,14 @@ class IterativeAttack(Attack):
         targeted: bool = False,
         rule: StepRule | None = None,
     ) -> None:
-        check_int("steps", steps)
-        check_int("restarts", restarts)
-        self.random_start = self.default_random_start if random_start is None else random_start
-        if not isinstance(self.random_start, bool):
-            raise ValueError(f"random_start must be a bool or None; got {random_start!r}")
-        if restarts > 1 and not self.random_start:
-            raise ValueError(f"restarts > 1 needs random_start=True ({self.name} is deterministic without it)")
         super().__init__(eps, norm=norm, loss_fn=loss_fn, targeted=targeted, restarts=restarts)
+        self.random_start = self._random_start(random_start)
+        check_int("steps", steps)
+        if step_size is not None:
+            check_number("step_size", step_size, minimum=1e-12)
         self.steps = steps
         self.step_size = self.default_step_size(self.eps, steps) if step_size is None else step_size
-        check_number("step_size", self.step_size)
         self.rule = StepRule() if rule is None else rule
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> IterativeAttack:
-        """Build from an ``AttackConfig`` (the fields every attack of the loop shares)."""
-        return cls(cfg.eps, norm=cfg.norm, steps=cfg.steps, step_size=cfg.step_size, random_start=cfg.random_start,
-                   restarts=cfg.restarts, loss_fn=loss_fn, targeted=cfg.targeted)
 
     @staticmethod
     def default_step_size(eps: float, steps: int) -> float:

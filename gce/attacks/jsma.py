@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, check_number, input_grad
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
+from gce.attacks.base import Attack, input_grad
+from gce.validation import is_number
 
 __all__ = ["JSMA"]
 
@@ -55,7 +53,6 @@ class JSMA(Attack):
     name: ClassVar[str] = "jsma"
     norms: ClassVar[tuple[str, ...]] = ("l0",)
     default_loss: ClassVar[str | None] = None
-    config_fields: ClassVar[frozenset[str]] = frozenset({"norm"})
 
     def __init__(
         self,
@@ -66,20 +63,14 @@ class JSMA(Attack):
         targeted: bool = False,
         restarts: int = 1,
     ) -> None:
-        check_number("eps", eps)
+        super().__init__(eps, norm=norm, targeted=targeted, restarts=restarts)
         if eps > 1:
             raise ValueError(f"eps is the fraction γ of features jsma may change and must be <= 1; got {eps!r}")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < abs(theta) <= 1:
+        if not (is_number(theta) and 0 < abs(theta) <= 1):
             raise ValueError(f"theta must lie in [-1, 1] and not be 0; got {theta!r}")
         if targeted and restarts > 1:
             raise ValueError("restarts > 1 applies to untargeted jsma only (targeted jsma is deterministic)")
-        super().__init__(eps, norm=norm, targeted=targeted, restarts=restarts)
         self.theta = float(theta)
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: object) -> JSMA:
-        """Build from an ``AttackConfig``: ``eps`` is γ; ``steps``, ``step_size`` and the loss do not apply."""
-        return cls(cfg.eps, norm=cfg.norm, theta=cfg.theta, targeted=cfg.targeted, restarts=cfg.restarts)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.targeted:

@@ -21,8 +21,9 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor
 
-from gce.attacks.base import LossFn, check_number
+from gce.attacks.base import LossFn
 from gce.losses import NORMALIZATIONS, complement_entropy, cross_entropy, guided_complement_entropy, reduce_per_sample
+from gce.validation import check_number
 
 __all__ = ["ATTACK_LOSSES", "dlr_loss", "get_attack_loss", "margin_loss"]
 

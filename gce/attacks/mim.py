@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from gce.attacks.base import LossFn
 from gce.attacks.iterative import IterativeAttack, MomentumStep
-
-if TYPE_CHECKING:
-    from gce.attacks.config import AttackConfig
 
 __all__ = ["MIM"]
 
@@ -70,10 +67,3 @@ class MIM(IterativeAttack):
             targeted=targeted,
             rule=MomentumStep(decay),
         )
-
-    @classmethod
-    def from_config(cls, cfg: AttackConfig, loss_fn: LossFn | None) -> MIM:
-        """Build from an ``AttackConfig``: the loop's fields plus the momentum ``decay``."""
-        attack = super().from_config(cfg, loss_fn)
-        attack.rule = MomentumStep(cfg.decay)
-        return attack

@@ -13,6 +13,7 @@ import torch
 
 from gce.data._augment import get_augmentation
 from gce.data._types import Split, seeded_generator
+from gce.validation import check_int
 
 __all__ = ["DeviceLoader"]
 
@@ -28,11 +29,8 @@ class DeviceLoader:
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool = False, augment: str = "none",
                  seed: int = 0, device: torch.device | str | None = None, drop_last: bool = False,
                  max_batches: int | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
-        if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                        or max_batches < 1):
-            raise ValueError(f"max_batches must be None or an integer >= 1; got {max_batches!r}")
+        check_int("batch_size", batch_size)
+        check_int("max_batches", max_batches, optional=True)
         self._augmentation = get_augmentation(augment)
         self.device = torch.device(device) if device is not None else split.images.device
         self.images = split.images.to(self.device)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gce.data import _sources
 from gce.data._types import DataBundle, DatasetInfo, Split, seeded_generator, stratified_split
+from gce.validation import check_int
 
 __all__ = ["DATASETS", "DatasetSpec", "load_dataset", "resolve_root"]
 
@@ -81,8 +82,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     key = str(name).lower().replace("-", "_")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
-        raise ValueError(f"limit must be None or an integer >= 1; got {limit!r}")
+    check_int("limit", limit, optional=True)
     spec = DATASETS[key]
     full, test = spec.load(resolve_root(root), download)
     k = _val_count(val_size, len(full))

@@ -62,7 +62,8 @@ def build_model(
     if name not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}; got {name!r}")
     factory = MODELS[name]
-    options = [p for p in inspect.signature(factory).parameters if p not in _COMMON]
+    params = inspect.signature(factory).parameters.values()  # the common fields travel in **common
+    options = [p.name for p in params if p.name not in _COMMON and p.kind is not p.VAR_KEYWORD]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
         allowed = f"options {options}" if options else "no options"

@@ -6,13 +6,14 @@ inside the model (rather than in the data pipeline) keeps every attack, clip and
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Classifier", "Normalize", "check_input_shape", "check_num_classes"]
+from gce.validation import check_int, is_int, is_number
+
+__all__ = ["Classifier", "Normalize", "check_input_shape", "residual_stages"]
 
 
 def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -21,7 +22,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
         not isinstance(input_shape, Sequence)
         or isinstance(input_shape, str)
         or len(input_shape) != 3
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+        or not all(is_int(d) for d in input_shape)
     ):
         raise ValueError(
             "input_shape must be 3 positive ints (channels, height, width), e.g. (1, 28, 28); "
@@ -30,18 +31,24 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     return (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
 
 
-def check_num_classes(num_classes: int) -> int:
-    """Return ``num_classes`` if it is an int >= 2 (complement entropy needs a complement), else raise."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2; got {num_classes!r}")
-    return num_classes
+def residual_stages(
+    block: Callable[[int, int, int], nn.Module], in_planes: int, widths: Sequence[int], blocks: int
+) -> nn.Sequential:
+    """``blocks`` residual blocks ``block(in_planes, planes, stride)`` per stage of ``widths`` channels; the
+    first block of every stage after the first halves the resolution (stride 2)."""
+    layers = []
+    for stage, planes in enumerate(widths):
+        for i in range(blocks):
+            layers.append(block(in_planes, planes, 2 if stage > 0 and i == 0 else 1))
+            in_planes = planes
+    return nn.Sequential(*layers)
 
 
 def _channel_stats(name: str, values: Sequence[float] | None, channels: int) -> torch.Tensor | None:
     if values is None:
         return None
     values = [values] if isinstance(values, (int, float)) else list(values)
-    if len(values) != channels or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+    if len(values) != channels or not all(is_number(v) for v in values):
         raise ValueError(f"{name} must be {channels} finite numbers (one per input channel); got {values!r}")
     return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
 
@@ -80,8 +87,9 @@ class Normalize(nn.Module):
 class Classifier(nn.Module):
     """An image classifier over [0, 1] pixels: ``forward(x) == head(features(x))``.
 
-    Subclasses build their layers after ``super().__init__``, assign ``self.head`` (the last nn.Linear)
-    and implement :meth:`embed`. ``features`` exposes the penultimate representation, which the
+    Subclasses take their own options as keywords, pass the common ones (``input_shape``, ``num_classes``,
+    ``mean``, ``std``) on as ``**common``, build their layers after ``super().__init__``, assign ``self.head``
+    (the last nn.Linear) and implement :meth:`embed`. ``features`` exposes the penultimate representation, which the
     evaluation uses for the latent-cluster metrics and embeddings the GCE paper argues about.
     """
 
@@ -97,7 +105,8 @@ class Classifier(nn.Module):
     ):
         super().__init__()
         self.input_shape = check_input_shape(input_shape)
-        self.num_classes = check_num_classes(num_classes)
+        check_int("num_classes", num_classes, 2)  # complement entropy needs a complement
+        self.num_classes = num_classes
         self.normalize = Normalize(self.input_shape[0], mean, std)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ ICCV 2019, https://arxiv.org/abs/1903.09799 (https://github.com/henry8527/GCE).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +27,8 @@ class LeNet5(Classifier):
 
     MIN_SIZE = 12  # smallest height/width for which the second pooling still has an output
 
-    def __init__(
-        self,
-        *,
-        input_shape: Sequence[int],
-        num_classes: int,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ):
-        super().__init__(input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
+    def __init__(self, **common: Any):
+        super().__init__(**common)
         channels, height, width = self.input_shape
         if min(height, width) < self.MIN_SIZE:
             raise ValueError(
@@ -47,7 +40,7 @@ class LeNet5(Classifier):
         self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
         self.fc1 = nn.Linear(16 * out_h * out_w, 120)
         self.fc2 = nn.Linear(120, 84)
-        self.head = nn.Linear(84, num_classes)
+        self.head = nn.Linear(84, self.num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         # ReLU after the pool: the same values (ReLU is monotone, so it commutes with max) on 4x fewer elements.

@@ -8,13 +8,14 @@ where the shape changes), which adds no parameters: 0.27M / 0.46M / 0.85M for de
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gce.models.base import Classifier
+from gce.models.base import Classifier, residual_stages
+from gce.validation import is_int
 
 __all__ = ["CifarResNet", "resnet20", "resnet32", "resnet56"]
 
@@ -52,31 +53,15 @@ class BasicBlock(nn.Module):
 class CifarResNet(Classifier):
     """ResNet-(6n+2) for small images; features are the 64-d globally pooled activations."""
 
-    def __init__(
-        self,
-        *,
-        input_shape: Sequence[int],
-        num_classes: int,
-        depth: int = 20,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-    ):
-        super().__init__(input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
-        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 8 or (depth - 2) % 6 != 0:
+    def __init__(self, *, depth: int = 20, **common: Any):
+        super().__init__(**common)
+        if not is_int(depth, 8) or (depth - 2) % 6 != 0:
             raise ValueError(f"depth must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...); got {depth!r}")
-        n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(self.input_shape[0], 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        layers: list[nn.Module] = []
-        in_planes = 16
-        for stage, planes in enumerate((16, 32, 64)):
-            for i in range(n):
-                stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(in_planes, planes, stride))
-                in_planes = planes
-        self.layers = nn.Sequential(*layers)
-        self.head = nn.Linear(64, num_classes)
+        self.layers = residual_stages(BasicBlock, 16, (16, 32, 64), (depth - 2) // 6)
+        self.head = nn.Linear(64, self.num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -86,34 +71,16 @@ class CifarResNet(Classifier):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
-def resnet20(
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> CifarResNet:
+def resnet20(**common: Any) -> CifarResNet:
     """ResNet-20 (n = 3), ≈0.27M parameters for 10 classes."""
-    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=20, mean=mean, std=std)
+    return CifarResNet(depth=20, **common)
 
 
-def resnet32(
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> CifarResNet:
+def resnet32(**common: Any) -> CifarResNet:
     """ResNet-32 (n = 5), ≈0.46M parameters for 10 classes."""
-    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=32, mean=mean, std=std)
+    return CifarResNet(depth=32, **common)
 
 
-def resnet56(
-    *,
-    input_shape: Sequence[int],
-    num_classes: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> CifarResNet:
+def resnet56(**common: Any) -> CifarResNet:
     """ResNet-56 (n = 9), ≈0.85M parameters for 10 classes: the GCE paper's CIFAR model."""
-    return CifarResNet(input_shape=input_shape, num_classes=num_classes, depth=56, mean=mean, std=std)
+    return CifarResNet(depth=56, **common)
