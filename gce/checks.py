@@ -31,6 +31,9 @@ from torch import Tensor, nn
 from gce.attacks import ATTACKS, AttackConfig, LossFn, build_attack, eval_mode
 from gce.evaluate import RobustnessResult, batches, evaluate_robustness, format_eps, model_device, norm_of, predict
 from gce.losses import cross_entropy
+from gce.metrics import check_key, measurement_key
+from gce.seeding import seeded
+from gce.validation import check_int, is_number
 
 __all__ = ["CHECKS", "CheckConfig", "Diagnosis", "Flag", "Measurement", "diagnose", "measurements", "run_checks"]
 
@@ -83,9 +86,9 @@ class Diagnosis:
             tags[f"{prefix}/{f.name}/detail"] = f.detail[:500]
         return tags
 
-    def to_metrics(self, prefix: str = "check") -> dict[str, float]:
+    def to_metrics(self) -> dict[str, float]:
         """The numbers behind the flags, as ``check/<name>/<value>`` metrics."""
-        return {f"{prefix}/{f.name}/{k}": float(v) for f in self.flags for k, v in f.values.items()}
+        return {check_key(f.name, k): float(v) for f in self.flags for k, v in f.values.items()}
 
 
 @dataclass
@@ -107,15 +110,13 @@ class CheckConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_examples", "steps", "random_samples", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"checks.{name} must be an integer >= 1; got {value!r}")
+            check_int(f"checks.{name}", getattr(self, name))
         if self.norm not in ("linf", "l2"):
             raise ValueError(f"checks.norm must be 'linf' or 'l2'; got {self.norm!r}")
-        if self.eps is not None and not (isinstance(self.eps, (int, float)) and 0 < self.eps < math.inf):
+        if self.eps is not None and not (is_number(self.eps) and self.eps > 0):
             raise ValueError(f"checks.eps must be a finite number > 0 or None; got {self.eps!r}")
         for name in ("tolerance", "unbounded_max_acc", "max_zero_grad_fraction"):
-            if not 0 <= getattr(self, name) <= 1:
+            if not (is_number(getattr(self, name), 0) and getattr(self, name) <= 1):
                 raise ValueError(f"checks.{name} must lie in [0, 1]; got {getattr(self, name)!r}")
 
 
@@ -133,7 +134,7 @@ class Measurement:
     acc: float
 
     def key(self) -> str:
-        return f"{self.source}/{self.label}/steps={self.steps}/eps={format_eps(self.eps)}"
+        return measurement_key(self.source, self.label, self.steps, self.eps)
 
 
 def measurements(result: RobustnessResult, source: str = "eval") -> list[Measurement]:
@@ -328,8 +329,7 @@ def run_checks(model: nn.Module, data, config: CheckConfig | None = None, *, res
     white_box = own.worst_case[(cfg.norm, eps)]
     losses = {"ce": cross_entropy} | ({"train": train_loss} if train_loss is not None else {})
     keep = own.clean_correct.to(device)
-    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
+    with eval_mode(model), seeded(cfg.seed, device):
         flags.append(_zero_gradients(model, x[keep], y[keep], losses, cfg))
         random_acc = _random_search(model, x, y, cfg, eps).float().mean().item()
         flags.append(_stronger("black_box_stronger", "random search", random_acc, white_box, cfg.tolerance))

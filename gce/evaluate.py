@@ -15,28 +15,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from gce.attacks import ATTACKS, AttackConfig, LossFn, build_attack, eval_mode
-from gce.attacks.base import check_int
 from gce.data import Split
+from gce.metrics import clean_key, format_eps, robust_key, worst_case_key
+from gce.seeding import seeded
+from gce.validation import check_int
 
 __all__ = ["RobustnessCurve", "RobustnessResult", "batches", "evaluate_robustness", "expand_eps", "format_eps",
            "model_device", "norm_of", "predict"]
 
 ThreatModel = tuple[str, float]  # (norm, eps)
-
-
-def format_eps(eps: float) -> str:
-    """A stable metric-key form of ε: at most 6 decimals, no float noise ("0.3", "0.031373", "2", "inf")."""
-    if math.isinf(eps):
-        return "inf"
-    text = f"{eps:.6f}".rstrip("0").rstrip(".")
-    return text if text != "0" or eps == 0 else f"{eps:.3g}"
 
 
 def expand_eps(config: AttackConfig, eps: Sequence[float]) -> list[AttackConfig]:
@@ -82,25 +75,18 @@ class RobustnessResult:
         """True in chain mode: per-attack numbers count the attacks before it, only the worst case is comparable."""
         return not self.standalone
 
-    @property
-    def primary_worst_case(self) -> float | None:
-        return None if self.primary is None else self.worst_case[self.primary]
-
     def to_metrics(self, prefix: str = "val") -> dict[str, float]:
-        """Flat MLflow keys: clean_acc, robust_acc/<label>/eps=<ε>, robust_acc/worst_case[-<norm>]/eps=<ε>,
-        robust_acc/worst_case (at the primary threat model). L∞ is the default norm and carries no suffix.
-        Chain-mode per-attack numbers go under robust_acc_chain/: they are cumulative, never comparable to
-        another run's standalone numbers under the same key."""
-        out = {f"{prefix}/clean_acc": self.clean_acc}
-        group = "robust_acc_chain" if self.cumulative else "robust_acc"
+        """Flat keys of the metric schema (``gce.metrics``): clean accuracy, each attack at each ε, the worst case
+        per threat model and the headline worst case at the primary one. Chain-mode per-attack numbers are
+        cumulative and go under their own group, never comparable to another run's standalone numbers."""
+        out = {clean_key(prefix): self.clean_acc}
         for label, by_eps in self.accuracy.items():
             for eps, acc in by_eps.items():
-                out[f"{prefix}/{group}/{label}/eps={format_eps(eps)}"] = acc
+                out[robust_key(prefix, label, eps, chain=self.cumulative)] = acc
         for (norm, eps), acc in self.worst_case.items():
-            name = "worst_case" if norm == "linf" else f"worst_case-{norm}"
-            out[f"{prefix}/robust_acc/{name}/eps={format_eps(eps)}"] = acc
+            out[worst_case_key(prefix, norm, eps)] = acc
         if self.primary is not None:
-            out[f"{prefix}/robust_acc/worst_case"] = self.worst_case[self.primary]
+            out[worst_case_key(prefix)] = self.worst_case[self.primary]
         return out
 
     def curves(self) -> dict[str, RobustnessCurve]:
@@ -180,11 +166,7 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
     built = {(cfg.label(), cfg.eps): build_attack(cfg, train_loss=train_loss) for cfg in attacks}
     correct_parts, flag_parts = [], {key: [] for key in built}
     worst_parts = {tm: [] for tm in groups}
-    with ExitStack() as stack:
-        stack.enter_context(eval_mode(model))
-        if seed is not None:
-            stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-            torch.manual_seed(seed)
+    with eval_mode(model), seeded(seed, device):
         for x, y in batches(data, batch_size, device=device, max_examples=max_examples, seed=seed or 0):
             correct = predict(model, x) == y
             correct_parts.append(correct.cpu())
@@ -236,7 +218,7 @@ def _group(attacks: list[AttackConfig]) -> dict[ThreatModel, list[AttackConfig]]
             raise ValueError(f"attacks: {cfg.label()} is targeted; robust accuracy needs untargeted attacks")
         norm, key = norm_of(cfg), format_eps(cfg.eps)
         if (norm, key) in seen_keys and seen_keys[(norm, key)] != cfg.eps:
-            raise ValueError(f"attacks: eps {seen_keys[(norm, key)]!r} and {cfg.eps!r} give the same key eps={key}")
+            raise ValueError(f"attacks: eps {seen_keys[(norm, key)]!r} and {cfg.eps!r} give the same key eps_{key}")
         seen_keys[(norm, key)] = cfg.eps
         if any(c.label() == cfg.label() for c in groups.get((norm, cfg.eps), [])):
             raise ValueError(f"attacks: two configs share label {cfg.label()!r} at eps={key}; give one budget per "

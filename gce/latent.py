@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from gce.attacks import eval_mode
 from gce.evaluate import batches, model_device
+from gce.metrics import LATENT, latent_key
 
 __all__ = ["ClusterMetrics", "Embedding", "class_separation", "confusion_matrix", "latent_clusters",
            "pca_embedding", "penultimate_features", "silhouette_score"]
@@ -44,9 +45,8 @@ class ClusterMetrics:
         return self.inter_class / self.intra_class if self.intra_class > 0 else math.inf
 
     def to_metrics(self, prefix: str = "val") -> dict[str, float]:
-        return {f"{prefix}/latent/silhouette": self.silhouette, f"{prefix}/latent/inter_class": self.inter_class,
-                f"{prefix}/latent/intra_class": self.intra_class,
-                f"{prefix}/latent/inter_intra_ratio": self.separation_ratio}
+        values = (self.silhouette, self.inter_class, self.intra_class, self.separation_ratio)
+        return {latent_key(prefix, name): value for name, value in zip(LATENT, values, strict=True)}
 
 
 @torch.no_grad()

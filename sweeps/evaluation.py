@@ -19,6 +19,8 @@ from gce.checks import CheckConfig, run_checks
 from gce.data import DeviceLoader
 from gce.evaluate import batches, evaluate_robustness, norm_of, predict
 from gce.latent import confusion_matrix, latent_clusters
+from gce.metrics import EVAL_CLEAN, clean_key, eval_n_key, time_key
+from gce.seeding import seeded
 
 if TYPE_CHECKING:
     from gce.train import Trainer
@@ -41,7 +43,7 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     metrics.update(val.to_metrics("val"))
     # The per-epoch val/clean_acc covers the whole split; the attacked subsample's own clean accuracy (the
     # baseline of its robust numbers) gets its own key rather than a second, different point at the last step.
-    metrics["val/eval_clean_acc"], metrics["val/eval_n"] = metrics.pop("val/clean_acc"), val.n
+    metrics[EVAL_CLEAN], metrics[eval_n_key("val")] = metrics.pop(clean_key("val")), val.n
     clusters = latent_clusters(model, data.val, max_examples=min(ev.max_examples, 1000), batch_size=batch_size)
     metrics.update(clusters.to_metrics("val"))
     # Artifacts need only the validation results: they render and upload in a thread while the test split and
@@ -54,7 +56,7 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
         if ev.test:
             test = evaluate_robustness(model, data.test, attacks, **run)
             metrics.update(test.to_metrics("test"))
-            metrics["test/eval_n"] = test.n
+            metrics[eval_n_key("test")] = test.n
         tags: dict[str, str] = {}
         if ev.checks and attacks and val.primary is not None and val.primary[0] == "linf":
             diagnosis = run_checks(model, data.val, CheckConfig(max_examples=min(ev.max_examples, 500),
@@ -66,8 +68,8 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
         uploads.result()  # an upload's error fails the trial like any other
         # What the trial spent on artifacts: preparing them and waiting for the thread (its rendering, when it
         # contends with the attacks for the GIL or the cores, shows up in time/eval_s instead).
-        metrics["time/artifacts_s"] = artifacts_s + time.perf_counter() - wait
-        metrics["time/eval_s"] = time.perf_counter() - started - metrics["time/artifacts_s"]
+        metrics[time_key("artifacts")] = artifacts_s + time.perf_counter() - wait
+        metrics[time_key("eval")] = time.perf_counter() - started - metrics[time_key("artifacts")]
     if tags:
         logger.set_tags(run_id, tags)
     return metrics
@@ -134,8 +136,7 @@ def _adversarial_grid(trainer: Trainer, val) -> tuple:
     configs = [c for c in val.attacks if c.eps == eps and norm_of(c) == norm]
     attack = build_attack(configs[-1], train_loss=trainer.loss_fn)
     x, y = next(batches(trainer.data.val, 8, device=trainer.device, max_examples=8))
-    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-        torch.manual_seed(trainer.config.seed)  # a random start must not shift the evaluations' randomness
+    with seeded(trainer.config.seed, trainer.device):  # a random start must not shift the evaluations' randomness
         x_adv = attack(trainer.model, x, y)
     with torch.no_grad():
         clean_pred, adv_pred = predict(trainer.model, x), predict(trainer.model, x_adv)

@@ -7,20 +7,19 @@ a spec in one pass. Nothing here starts Ray or MLflow.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from sweeps.spec import SweepSpec
+from gce import metrics
+from gce.config import ConfigError
+from sweeps.spec import MAX_GRID_TRIALS, SweepSpec
 
-__all__ = ["check_resources", "check_semantics", "metric_names"]
+__all__ = ["check_resources", "check_semantics", "expected_metrics"]
 
-PER_EPOCH_METRICS = ("train/loss", "train/acc", "train/images_per_s", "val/loss", "val/clean_acc")
+#: What ASHA can compare: robust metrics exist only at a trial's end.
+PER_EPOCH_METRICS = tuple(k for k in metrics.EPOCH if k != "epoch")
 
 
 def check_semantics(spec: SweepSpec) -> list[str]:
-    from gce.config import ConfigError
-    from sweeps.spec import MAX_GRID_TRIALS
-
     problems: list[str] = []
     try:
         spec.trial_config({}, spec.seeds[0])
@@ -35,7 +34,7 @@ def check_semantics(spec: SweepSpec) -> list[str]:
 
     problems += _check_space(spec)
     problems += _check_evaluation(spec)
-    known = metric_names(spec)
+    known = expected_metrics(spec).exact
     for i, objective in enumerate(spec.objectives):
         where = "objective" if not isinstance(spec.objective, list) else f"objective.{i}"
         if objective.metric not in known:
@@ -48,8 +47,6 @@ def check_semantics(spec: SweepSpec) -> list[str]:
 
 
 def _check_space(spec: SweepSpec) -> list[str]:
-    from gce.config import ConfigError
-
     problems = []
     for key, dim in spec.space.items():
         if dim.when is not None:
@@ -57,7 +54,6 @@ def _check_space(spec: SweepSpec) -> list[str]:
             if unknown:
                 problems.append(f"space.{key}.when: {unknown} are not dimensions of the space; "
                                 f"known: {sorted(spec.space)}")
-                continue
     if problems:
         return problems
     # Every grid point (or each distribution bound, with the other dimensions at their first value) must be
@@ -102,16 +98,15 @@ def _culprit(message: str, point: dict[str, Any]) -> str:
 
 
 def _check_evaluation(spec: SweepSpec) -> list[str]:
-    problems = []
-    all_eps = set()
+    problems, labels, all_eps = [], [], set()
     for i, attack in enumerate(spec.evaluation.attacks):
         try:
             configs = attack.configs()
         except (ValueError, TypeError) as err:
             problems.append(f"evaluation.attacks.{i} ({attack.name}): {_strip(err)}")
             continue
+        labels.append(configs[0].label())
         all_eps |= {c.eps for c in configs}
-    labels = [a.configs()[0].label() for a in spec.evaluation.attacks if not _fails(a)]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
     if duplicates:
         problems.append(f"evaluation.attacks: {duplicates} appear twice with the same label; give each attack one "
@@ -122,41 +117,23 @@ def _check_evaluation(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def _fails(attack) -> bool:
-    try:
-        attack.configs()
-    except (ValueError, TypeError):
-        return True
-    return False
-
-
-# A trial's own profile (sweeps.trainable): seconds per phase, shares of the trial, peak memory.
-TIME_METRICS = ("time/data_s", "time/fit_compute_s", "time/log_s", "time/run_start_s", "time/report_s",
-                "time/artifacts_s", "time/trial_s", "time/tracking_share", "time/report_share", "mem/peak_rss_mb")
-
-
-def metric_names(spec: SweepSpec) -> set[str]:
-    """The metric keys a trial of this spec reports (what objectives and queries can name)."""
-    from gce.evaluate import format_eps, norm_of
-
-    names = set(PER_EPOCH_METRICS) | {"val/eval_clean_acc", "time/train_s", "time/eval_s", *TIME_METRICS}
-    names |= {f"val/latent/{k}" for k in ("silhouette", "inter_class", "intra_class", "inter_intra_ratio")}
-    splits = ["val", "test"] if spec.evaluation.test else ["val"]
-    group = "robust_acc" if spec.evaluation.standalone else "robust_acc_chain"  # chain numbers are cumulative
-    for split in splits:
-        names.add(f"{split}/clean_acc")
-        if not spec.evaluation.attacks:
+def _valid_configs(spec: SweepSpec) -> list:
+    """Every attack config (one per ε) of the evaluation, leaving out entries _check_evaluation reports."""
+    out = []
+    for attack in spec.evaluation.attacks:
+        try:
+            out += attack.configs()
+        except (ValueError, TypeError):
             continue
-        names.add(f"{split}/robust_acc/worst_case")
-        for attack in spec.evaluation.attacks:
-            if _fails(attack):
-                continue
-            for cfg in attack.configs():
-                norm = norm_of(cfg)
-                worst = "worst_case" if norm == "linf" else f"worst_case-{norm}"
-                names.add(f"{split}/{group}/{cfg.label()}/eps={format_eps(cfg.eps)}")
-                names.add(f"{split}/robust_acc/{worst}/eps={format_eps(cfg.eps)}")
-    return names
+    return out
+
+
+def expected_metrics(spec: SweepSpec) -> metrics.MetricSet:
+    """The metric keys a trial of this spec reports (what objectives and queries can name): the schema's
+    prediction for the spec's evaluation (``gce.metrics.expected``)."""
+    ev = spec.evaluation
+    return metrics.expected(_valid_configs(spec), test=ev.test, standalone=ev.standalone, checks=ev.checks,
+                            cuda=spec.resources.gpu > 0)
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> list[str]:

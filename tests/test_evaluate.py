@@ -74,7 +74,7 @@ def test_chain_mode_gives_the_same_worst_case(model, mnist5k):
     assert chain.cumulative and not alone.cumulative
     assert chain.worst_case == alone.worst_case
     keys = chain.to_metrics()  # cumulative numbers never share a key with standalone ones
-    assert "val/robust_acc_chain/bim/eps=0.3" in keys and "val/robust_acc/bim/eps=0.3" not in keys
+    assert "val/robust_acc_chain/bim/eps_0.3" in keys and "val/robust_acc/bim/eps_0.3" not in keys
     for tm in alone.worst_robust:
         assert torch.equal(chain.worst_robust[tm], alone.worst_robust[tm])
     for eps in (0.1, 0.3):  # cumulative: non-increasing along the chain, first attack unchanged
@@ -153,12 +153,12 @@ def test_metric_keys_and_primary_eps(model, mnist5k):
     res = evaluate_robustness(model, mnist5k.test, attacks, max_examples=50)
     metrics = res.to_metrics("test")
     assert set(metrics) == {
-        "test/clean_acc", "test/robust_acc/fgsm/eps=0.3", "test/robust_acc/fgsm/eps=0.031373",
-        "test/robust_acc/fgsm-l2/eps=1.5", "test/robust_acc/worst_case/eps=0.3",
-        "test/robust_acc/worst_case/eps=0.031373", "test/robust_acc/worst_case-l2/eps=1.5",
+        "test/clean_acc", "test/robust_acc/fgsm/eps_0.3", "test/robust_acc/fgsm/eps_0.031373",
+        "test/robust_acc/fgsm-l2/eps_1.5", "test/robust_acc/worst_case/eps_0.3",
+        "test/robust_acc/worst_case/eps_0.031373", "test/robust_acc/worst_case-l2/eps_1.5",
         "test/robust_acc/worst_case"}
     assert res.primary == ("linf", 0.1 + 0.2)  # the largest L∞ eps, not the L2 one
-    assert metrics["test/robust_acc/worst_case"] == metrics["test/robust_acc/worst_case/eps=0.3"]
+    assert metrics["test/robust_acc/worst_case"] == metrics["test/robust_acc/worst_case/eps_0.3"]
     other = evaluate_robustness(model, mnist5k.test, attacks, max_examples=50, primary_eps=8 / 255)
     assert other.to_metrics()["val/robust_acc/worst_case"] == other.worst_case[("linf", 8 / 255)]
     assert set(res.curves()) == {"linf", "l2"} and res.curves()["linf"].eps == sorted(eps)
@@ -169,7 +169,7 @@ def test_unbounded_eps_is_never_the_default_primary(model, mnist5k):
                AttackConfig(name="cw_l2", eps=1.0, steps=5, binary_search_steps=1)]
     res = evaluate_robustness(model, mnist5k.test, attacks, max_examples=20)
     assert res.primary == ("l2", 1.0)
-    assert "val/robust_acc/cw_l2/eps=inf" in res.to_metrics()
+    assert "val/robust_acc/cw_l2/eps_inf" in res.to_metrics()
 
 
 @pytest.mark.parametrize(("eps", "text"), [(0.1 + 0.2, "0.3"), (8 / 255, "0.031373"), (2.0, "2"),

@@ -5,8 +5,9 @@ import yaml
 from typer.testing import CliRunner
 
 from sweeps.cli import app
-from sweeps.spec import MAX_GRID_TRIALS, SpecError, load_spec, shipped_specs
-from sweeps.validate import check_semantics, metric_names
+from sweeps.loading import load_spec, shipped_specs
+from sweeps.spec import MAX_GRID_TRIALS, SpecError
+from sweeps.validate import check_semantics, expected_metrics
 
 BASE = {"name": "t", "experiment": "e", "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet5"}}}
 ATTACKS = {"attacks": [{"name": "fgsm", "eps": [0.1, 0.3]}, {"name": "pgd", "eps": [0.1, 0.3], "steps": 5}]}
@@ -57,9 +58,9 @@ def test_trial_config_applies_point_and_seed_without_touching_the_base():
 
 def test_metric_names_follow_the_attacks():
     s = load_spec(spec(evaluation=ATTACKS))
-    names = metric_names(s)
-    assert {"val/robust_acc/worst_case", "val/robust_acc/pgd/eps=0.3", "test/robust_acc/fgsm/eps=0.1",
-            "val/clean_acc", "val/robust_acc/worst_case/eps=0.1"} <= names
+    names = expected_metrics(s).exact
+    assert {"val/robust_acc/worst_case", "val/robust_acc/pgd/eps_0.3", "test/robust_acc/fgsm/eps_0.1",
+            "val/clean_acc", "val/robust_acc/worst_case/eps_0.1"} <= names
     assert s.objectives[0].metric == "val/robust_acc/worst_case"  # default objective when the spec attacks
     assert load_spec(spec()).objectives[0].metric == "val/clean_acc"  # and when it does not
 
