@@ -4,13 +4,8 @@ No fluent ``mlflow.start_run`` state: concurrent trials in one process (Ray acto
 One experiment per study, one parent run per sweep, one child run per trial. Runs are found again by tags
 (sweep id, trial id), so a resumed sweep or trial continues its own run and never creates a duplicate.
 
-The server may go away mid-sweep (restarted, redeployed, network). Metrics, params and tags are queued and sent
-in order; a call that fails for want of the server leaves them queued and returns, so the trial keeps training,
-and the queue is retried (with back-off) on the next call and before anything that depends on it (ending a run,
-artifacts, searches, which wait for the server themselves). Nothing is dropped: the points arrive once the
-server is back, or, when it stays away longer than ``max_outage_s`` (``GCE_TRACKING_MAX_OUTAGE_S``, 300 s by
-default), a ``TrackingUnavailable`` names the server and how much is not stored. Resending is safe: MLflow
-keeps one copy of a metric point (same key, value, step, timestamp), and params and tags are idempotent.
+The server may go away mid-sweep: metrics, params and tags are queued and every call is retried through an
+outage, up to ``max_outage_s`` (``tracking.delivery``), so a trial keeps training and nothing is dropped.
 
 MLflow names allow only letters, digits and ``_ - . / space``: ``metric_key`` turns any other character into
 ``_``, so ``val/robust_acc/pgd/eps=0.3`` is stored (and queried) as ``val/robust_acc/pgd/eps_0.3``.
@@ -20,41 +15,28 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 
-import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from tracking import plots
-from tracking.connection import MAX_OUTAGE_ENV, TrackingUnavailable, configure_client
+from tracking.connection import configure_client
+from tracking.delivery import Delivery
 
 SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "gce.sweep_id", "gce.trial_id", "gce.role"
 ENDED = ("FINISHED", "FAILED", "KILLED")
 _BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call (and 1000 metrics)
 _INVALID_NAME = re.compile(r"[^/\w.\- ]")  # MLflow's rule on every OS (colons are refused on Windows)
 _PACKAGES = ("gce-sweeps", "torch", "torchvision", "ray", "mlflow", "optuna", "numpy")
-# Server-side "try again" answers (SQLite's "database is locked" comes back as TEMPORARILY_UNAVAILABLE).
-_TRANSIENT_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
-# What MLflow's http_request raises once its own retries are spent (refused, reset, timed out, 5xx after retries);
-# an answer with an error status ("failed with error code 401") is not this.
-_UNREACHED = re.compile(r"API request to \S+ failed with (timeout )?exception")
-_MAX_BACKOFF_S = 10.0
-# When each tracking server was first seen unreachable, shared by every RunLogger of the process (a trial's and
-# the driver's callbacks'), so that once one has waited out the bound the others fail at once, not again.
-_DOWN_SINCE: dict[str, float] = {}
-_DOWN_LOCK = threading.Lock()
 
 
 class RunLogger:
@@ -67,14 +49,9 @@ class RunLogger:
     def __init__(self, tracking_uri: str, experiment: str, *, max_outage_s: float | None = None):
         configure_client()
         self.tracking_uri = tracking_uri
-        self.max_outage_s = float(os.environ[MAX_OUTAGE_ENV] if max_outage_s is None else max_outage_s)
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._pending: deque[tuple[str, str, list]] = deque()  # (run id, "metrics" | "params" | "tags", items)
-        self._lock = threading.RLock()
-        self._next_try = 0.0
-        self._backoff = 1.0
-        self.retries = 0  # failed attempts that were retried (an outage, a locked database)
-        self.experiment_id = self._call(get_or_create_experiment, self.client, experiment)
+        self.delivery = Delivery(self.client, tracking_uri, max_outage_s)
+        self.experiment_id = self.delivery.call(get_or_create_experiment, self.client, experiment)
 
     # --- runs ---------------------------------------------------------------------------------------------------
     def start_sweep(self, sweep_id: str, *, spec_name: str, spec_hash: str, ray_address: str | None = None,
@@ -82,7 +59,7 @@ class RunLogger:
         """The parent run of ``sweep_id`` (created once, set RUNNING again on resume), with its provenance."""
         all_tags = {SWEEP_TAG: sweep_id, ROLE_TAG: "sweep", "gce.spec_name": spec_name, "gce.spec_hash": spec_hash,
                     "gce.ray_address": ray_address or "local", **provenance(), **(tags or {})}
-        run_id, found = self._call(self._find_or_create, sweep_id, None, all_tags, f"{spec_name}-{sweep_id}")
+        run_id, found = self.delivery.call(self._find_or_create, sweep_id, None, all_tags, f"{spec_name}-{sweep_id}")
         return self._resume(found) if found is not None else run_id
 
     def start_trial(self, sweep_id: str, trial_id: str, params: Mapping[str, object] | None = None, *,
@@ -92,7 +69,7 @@ class RunLogger:
         tags = {SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
-        run_id, found = self._call(self._find_or_create, sweep_id, trial_id, tags, run_name or trial_id)
+        run_id, found = self.delivery.call(self._find_or_create, sweep_id, trial_id, tags, run_name or trial_id)
         if found is not None:
             return self._resume(found)
         if params:
@@ -101,7 +78,7 @@ class RunLogger:
 
     def find_run(self, sweep_id: str, trial_id: str | None = None):
         """The sweep's parent run (no ``trial_id``) or a trial's run, or None; the oldest if ever several."""
-        return self._call(self._find, sweep_id, trial_id)
+        return self.delivery.call(self._find, sweep_id, trial_id)
 
     def _find_or_create(self, sweep_id: str, trial_id: str | None, tags: dict, run_name: str):
         """(run id, the run found or None). Retried whole: a create whose answer was lost is found next time."""
@@ -132,12 +109,12 @@ class RunLogger:
             tags["stop_reason"] = stop_reason
         if tags:
             self.set_tags(run_id, tags)
-        self._call(self.client.set_terminated, run_id, status)  # after everything queued for the run
+        self.delivery.call(self.client.set_terminated, run_id, status)  # after everything queued for the run
 
     def clear_error(self, run_id: str) -> None:
         """Drop the ``error`` tag of an earlier, failed attempt of a run that is being retried."""
-        if "error" in self._call(self.client.get_run, run_id).data.tags:
-            self._call(self.client.delete_tag, run_id, "error")
+        if "error" in self.delivery.call(self.client.get_run, run_id).data.tags:
+            self.delivery.call(self.client.delete_tag, run_id, "error")
 
     def close_orphans(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
         """End as KILLED the sweep's trial runs still RUNNING (their driver died), except ``keep``; a resumed
@@ -149,14 +126,14 @@ class RunLogger:
         for run in self._search_all(where):
             if run.info.run_id not in keep:
                 self.set_tags(run.info.run_id, {"gce.closed_as": "orphaned: its driver stopped without ending it"})
-                self._call(self.client.set_terminated, run.info.run_id, "KILLED")
+                self.delivery.call(self.client.set_terminated, run.info.run_id, "KILLED")
                 closed.append(run.info.run_id)
         return closed
 
     # --- data ---------------------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
         items = [Param(metric_key(str(k)), _param_value(v)) for k, v in params.items()]
-        self._enqueue(run_id, "params", items, _BATCH)
+        self.delivery.send(run_id, "params", items, _BATCH)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0,
                     timestamp_ms: int | None = None) -> None:
@@ -164,38 +141,43 @@ class RunLogger:
         taken now, so points buffered through an outage keep the time they were measured."""
         ts = timestamp_ms or int(time.time() * 1000)
         items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()]
-        self._enqueue(run_id, "metrics", items, 1000)
+        self.delivery.send(run_id, "metrics", items, 1000)
 
     def set_tags(self, run_id: str, tags: Mapping[str, object]) -> None:
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
-        self._enqueue(run_id, "tags", items, _BATCH)
+        self.delivery.send(run_id, "tags", items, _BATCH)
 
     def flush(self) -> None:
         """Send everything queued, waiting for the server up to ``max_outage_s`` (TrackingUnavailable after)."""
-        self._flush(block=True)
+        self.delivery.flush()
 
     @property
     def pending(self) -> dict[str, int]:
         """What is queued and not yet stored: metric points, params and tags."""
-        with self._lock:
-            counts = {"metrics": 0, "params": 0, "tags": 0}
-            for _, kind, items in self._pending:
-                counts[kind] += len(items)
-            return counts
+        return self.delivery.pending
+
+    @property
+    def retries(self) -> int:
+        """Failed attempts that were retried (an outage, a locked database)."""
+        return self.delivery.retries
+
+    @property
+    def max_outage_s(self) -> float:
+        return self.delivery.max_outage_s
 
     # --- artifacts ----------------------------------------------------------------------------------------------
     def log_spec(self, run_id: str, spec: Mapping, artifact_file: str = "spec.yaml") -> None:
         """The resolved spec, so the run can be reproduced from what it actually ran."""
-        self._call(self.client.log_dict, run_id, json.loads(json.dumps(spec, default=str)), artifact_file)
+        self.delivery.call(self.client.log_dict, run_id, json.loads(json.dumps(spec, default=str)), artifact_file)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self._call(self.client.log_text, run_id, text, artifact_file)
+        self.delivery.call(self.client.log_text, run_id, text, artifact_file)
 
     def log_checkpoint(self, run_id: str, path: Path | str, artifact_path: str = "checkpoints") -> None:
-        self._call(self.client.log_artifact, run_id, str(path), artifact_path)
+        self.delivery.call(self.client.log_artifact, run_id, str(path), artifact_path)
 
     def log_figure(self, run_id: str, figure, name: str) -> None:
-        self._call(self.client.log_figure, run_id, figure, f"plots/{name}")
+        self.delivery.call(self.client.log_figure, run_id, figure, f"plots/{name}")
 
     def log_robustness_curves(self, run_id: str, curves: Mapping[str, Mapping[float, float]],
                               clean_acc: float | None = None, name: str = "robustness_curves.png") -> None:
@@ -217,88 +199,18 @@ class RunLogger:
         resumes = int(run.data.tags.get("gce.resumes", "0")) + 1
         self.set_tags(run_id, {"gce.resumes": resumes})
         if run.info.status != "RUNNING":
-            self._call(self.client.update_run, run_id, status="RUNNING")
+            self.delivery.call(self.client.update_run, run_id, status="RUNNING")
         return run_id
 
     def _search_all(self, where: str) -> list:
         runs, token = [], None
         while True:
-            page = self._call(self.client.search_runs, [self.experiment_id], where, ViewType.ACTIVE_ONLY,
-                              page_token=token)
+            page = self.delivery.call(self.client.search_runs, [self.experiment_id], where, ViewType.ACTIVE_ONLY,
+                                      page_token=token)
             runs.extend(page)
             token = page.token
             if not token:
                 return runs
-
-    # --- delivery -----------------------------------------------------------------------------------------------
-    def _enqueue(self, run_id: str, kind: str, items: list, chunk: int) -> None:
-        with self._lock:
-            self._pending.extend((run_id, kind, items[i:i + chunk]) for i in range(0, len(items), chunk))
-        self._flush(block=False)
-
-    def _flush(self, block: bool) -> None:
-        """Send the queue in order. Without ``block``, a failed attempt leaves the rest queued and returns (the
-        next try waits for the back-off); with it, waits for the server. Past the bound: TrackingUnavailable."""
-        with self._lock:
-            while self._pending:
-                if not block and time.monotonic() < self._next_try:
-                    return
-                run_id, kind, items = self._pending[0]
-                try:
-                    self.client.log_batch(run_id, **{kind: items})
-                except Exception as err:
-                    if not _transient(err):
-                        self._pending.popleft()  # refused, not lost in transit: resending cannot help
-                        raise
-                    wait = self._failed(err)
-                    if not block:
-                        return
-                    time.sleep(wait)
-                else:
-                    self._pending.popleft()
-                    self._recovered()
-
-    def _call(self, fn: Callable, *args, **kwargs):
-        """``fn(*args)`` once the queue is delivered (a run ends after its last metrics), retried while the
-        server is unreachable, up to the bound."""
-        self._flush(block=True)
-        with self._lock:
-            while True:
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as err:
-                    if not _transient(err):
-                        raise
-                    time.sleep(self._failed(err))
-                else:
-                    self._recovered()
-                    return result
-
-    def _failed(self, err: Exception) -> float:
-        """Note a failed attempt; the seconds to wait before the next, or TrackingUnavailable past the bound."""
-        now = time.monotonic()
-        with _DOWN_LOCK:
-            since = _DOWN_SINCE.setdefault(self.tracking_uri, now)
-        waited = now - since
-        if waited >= self.max_outage_s:
-            pending = self.pending
-            runs = sorted({run_id for run_id, _, _ in self._pending})
-            raise TrackingUnavailable(
-                f"MLflow tracking server {self.tracking_uri} unreachable for {waited:.0f} s (the limit is "
-                f"{self.max_outage_s:g} s, {MAX_OUTAGE_ENV}); not stored: {pending['metrics']} metric point(s), "
-                f"{pending['params']} param(s), {pending['tags']} tag(s) of run(s) {', '.join(runs) or '-'}; "
-                f"last error: {_first_line(err)}") from err
-        self.retries += 1
-        wait = min(self._backoff, self.max_outage_s - waited)
-        self._backoff = min(self._backoff * 2, _MAX_BACKOFF_S)
-        self._next_try = now + wait
-        return max(wait, 0.0)
-
-    def _recovered(self) -> None:
-        self._backoff, self._next_try = 1.0, 0.0
-        if self.tracking_uri in _DOWN_SINCE:
-            with _DOWN_LOCK:
-                _DOWN_SINCE.pop(self.tracking_uri, None)
 
 
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
@@ -356,24 +268,6 @@ def _git(*args: str) -> str:
 def _param_value(value: object) -> str:
     text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
     return text if len(text) <= 6000 else text[:5990] + "…"
-
-
-def _transient(err: BaseException) -> bool:
-    """A failure that resending can cure: the server unreachable or timing out (MLflow wraps these after its
-    own retries), a 5xx, or a server-side "try again" (a locked SQLite database)."""
-    if isinstance(err, requests.ConnectionError | requests.Timeout):
-        return True
-    if isinstance(err, requests.HTTPError):
-        return err.response is not None and err.response.status_code >= 500
-    if isinstance(err, MlflowException):
-        text = str(err)
-        return err.error_code in _TRANSIENT_CODES or "database is locked" in text or bool(_UNREACHED.match(text))
-    return False
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
 def _quoted(value: str) -> str:

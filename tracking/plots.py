@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ from matplotlib.figure import Figure
 
 
 def robustness_curves(curves: Mapping[str, Mapping[float, float]], clean_acc: float | None = None,
-                      title: str = "Robust accuracy") -> Figure:
+                      title: str = "Robust accuracy", xlabel: str = "ε") -> Figure:
     """Accuracy vs ε, one line per attack label ({label: {eps: acc}}); ``worst_case`` drawn bold, clean
-    accuracy (if given) as the ε = 0 point of every line. NaN points (attack not run at that ε) are skipped."""
+    accuracy (if given) as the ε = 0 point of every line. NaN points (attack not run at that ε) are skipped.
+    Any other x works as well, e.g. GCE's α ({"ε=0.3": {alpha: acc}}, ``xlabel="GCE α"``)."""
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     for label, by_eps in curves.items():
@@ -31,10 +33,29 @@ def robustness_curves(curves: Mapping[str, Mapping[float, float]], clean_acc: fl
         worst = label.startswith("worst_case")
         ax.plot(xs, ys, marker="o", label=label, linewidth=2.5 if worst else 1.2,
                 color="black" if worst else None, zorder=3 if worst else 2)
-    ax.set(xlabel="ε", ylabel="accuracy", ylim=(-0.02, 1.02), title=title)
+    ax.set(xlabel=xlabel, ylabel="accuracy", ylim=(-0.02, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def pareto_front(points: Sequence[tuple[float, float, str]], xlabel: str = "val clean accuracy",
+                 ylabel: str = "val worst-case robust accuracy", title: str = "Clean vs robust accuracy") -> Figure:
+    """(clean, robust, label) of every run, one colour per label; the non-dominated points joined as the front."""
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for label in dict.fromkeys(p[2] for p in points):
+        xs, ys = zip(*[(p[0], p[1]) for p in points if p[2] == label], strict=True)
+        ax.scatter(xs, ys, label=label, alpha=0.8)
+    front = sorted((p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in points)),
+                   key=lambda p: p[0])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", linewidth=1, label="Pareto front")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return fig
 
 
@@ -116,6 +137,13 @@ def adversarial_grid(clean, adversarial, labels, clean_preds=None, adv_preds=Non
     # Fixed margins: tight_layout over 3·n image axes without tick labels costs more than drawing them.
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.88, wspace=0.08, hspace=0.3)
     return fig
+
+
+def png(fig: Figure, dpi: int = 110) -> bytes:
+    """``fig`` as PNG bytes cropped to what is drawn, e.g. to embed in a report."""
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def save(fig: Figure, path: Path | str) -> Path:
