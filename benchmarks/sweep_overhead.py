@@ -25,7 +25,7 @@ from benchmarks.common import fresh_tracking_server, report
 from gce.data import load_dataset
 from gce.latent import confusion_matrix, latent_clusters
 from gce.train import fit
-from sweeps.spec import load_spec
+from sweeps.loading import load_spec
 
 
 def tiny_spec(trials: int, epochs: int) -> dict:
@@ -105,10 +105,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cli is not None:
         rows.append({"what": "whole `gce-sweep run` command (process, Ray, sweep)", "seconds": cli,
                      "per_trial_s": cli / n, "ratio": cli / baseline})
-    print(f"sweep overhead: {n} LeNet-5 trials of {args.epochs} epoch(s) on 1,024 MNIST-5k images, one at a time")
-    path = report("sweep_overhead", rows, torch.device("cpu"), args.out)
-    print(f"written: {path}")
-    return rows
+    return report("sweep_overhead", rows, torch.device("cpu"), args.out,
+                  title=f"sweep overhead: {n} LeNet-5 trials of {args.epochs} epoch(s) on 1,024 MNIST-5k images, "
+                        "one at a time")
 
 
 if __name__ == "__main__":

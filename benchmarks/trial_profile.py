@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from mlflow import MlflowClient
 
     from sweeps.launcher import run_sweep
-    from sweeps.spec import load_spec
+    from sweeps.loading import load_spec
     from tracking.logger import ROLE_TAG, SWEEP_TAG
 
     device = resolve_device(args.device)
@@ -97,12 +97,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "share_of_trial": float("nan"), "value": mean("mem/cuda_peak_mb")})
     for row in rows:
         row.setdefault("value", float("nan"))
-    print(f"one trial profiled end to end: mean of {len(metrics)} trial(s), LeNet-5, MNIST-5k, {args.epochs} epochs, "
-          f"FGSM + PGD-40 at 3 eps on up to {args.max_examples} val + test images, "
-          f"plots {'off' if args.no_plots else 'on'}, device {device}")
-    path = report("trial_profile_no_plots" if args.no_plots else "trial_profile", rows, device, args.out)
-    print(f"written: {path}")
-    return rows
+    return report("trial_profile_no_plots" if args.no_plots else "trial_profile", rows, device, args.out,
+                  title=f"one trial profiled end to end: mean of {len(metrics)} trial(s), LeNet-5, MNIST-5k, "
+                        f"{args.epochs} epochs, FGSM + PGD-40 at 3 eps on up to {args.max_examples} val + test "
+                        f"images, plots {'off' if args.no_plots else 'on'}, device {device}")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ from typing import Any
 from ray.tune import Callback
 from rich.console import Console
 
+from sweeps.record import SweepRecord
+from sweeps.search import describe, trial_assignment
+from sweeps.spec import SweepSpec
+
 __all__ = ["ProgressCallback", "RunClosingCallback"]
 
 
 class RunClosingCallback(Callback):
-    def __init__(self, tracking_uri: str, experiment: str, sweep_id: str, scheduler: str):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.sweep_id, self.scheduler = sweep_id, scheduler
+    def __init__(self, record: SweepRecord):
+        self.record = record
         self._logger = None
 
     @property
@@ -26,20 +29,20 @@ class RunClosingCallback(Callback):
         if self._logger is None:
             from tracking.logger import RunLogger
 
-            self._logger = RunLogger(self.tracking_uri, self.experiment)
+            self._logger = RunLogger(self.record.tracking_uri, self.record.experiment)
         return self._logger
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         return {**self.__dict__, "_logger": None}
 
     def _close(self, trial, status: str, **kwargs: Any) -> None:
-        run = self.logger.find_run(self.sweep_id, trial.trial_id)
+        run = self.logger.find_run(self.record.sweep_id, trial.trial_id)
         if run is not None and run.info.status == "RUNNING":
             self.logger.end_run(run.info.run_id, status, **kwargs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch", "?")
-        reason = f"stopped early by the {self.scheduler} scheduler after epoch {epoch}"
+        reason = f"stopped early by the {self.record.sweep_spec.scheduler.name} scheduler after epoch {epoch}"
         self._close(trial, "FINISHED", stop_reason=reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -49,9 +52,10 @@ class RunClosingCallback(Callback):
 class ProgressCallback(Callback):
     """One line per finished trial: counts (done / running / failed / stopped early) and the best so far."""
 
-    def __init__(self, objectives: list[tuple[str, str]], total: int, console: Console | None = None):
-        self.objectives = objectives
-        self.total = total
+    def __init__(self, spec: SweepSpec, console: Console | None = None):
+        self.spec = spec
+        self.objectives = [(o.metric, o.mode) for o in spec.objectives]
+        self.total = spec.trial_count()
         self.console = console or Console(soft_wrap=True)
         self.done = self.failed = self.stopped = 0
         self.best: tuple[float, str] | None = None
@@ -62,8 +66,11 @@ class ProgressCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, console=Console(soft_wrap=True))
 
+    def _assignment(self, config: dict[str, Any]) -> str:
+        return describe(*trial_assignment(config, self.spec))
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        self.console.print(f"[dim]start[/]  {trial.trial_id}  {_assignment(trial.config)}")
+        self.console.print(f"[dim]start[/]  {trial.trial_id}  {self._assignment(trial.config)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         result = trial.last_result or {}
@@ -77,7 +84,7 @@ class ProgressCallback(Callback):
             what = "  ".join(f"{m}={result.get(m, math.nan):.4f}" for m, _ in self.objectives)
             better = self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
             if better:
-                self.best = (value, f"{trial.trial_id} ({_assignment(trial.config)})")
+                self.best = (value, f"{trial.trial_id} ({self._assignment(trial.config)})")
         self._line(trials, f"{trial.trial_id}  {what}")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -91,7 +98,3 @@ class ProgressCallback(Callback):
         self.console.print(f"[{self.done + self.failed + self.stopped}/{self.total}] done {self.done}, running "
                            f"{running}, failed {self.failed}, stopped early {self.stopped} | {what} | {best}")
 
-
-def _assignment(config: dict[str, Any]) -> str:
-    items = {**config["point"], "seed": config.get("seed")} if "point" in config else config
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items())

@@ -86,7 +86,8 @@ SET_HELP = "Override a spec field: PATH=VALUE (YAML), e.g. --set base.epochs=5 -
 
 
 def _load(spec: str, smoke: bool, overrides: list[str] | None = None):
-    from sweeps.spec import SpecError, load_spec
+    from sweeps.loading import load_spec
+    from sweeps.spec import SpecError
 
     try:
         loaded = load_spec(spec, overrides or [])
@@ -125,7 +126,7 @@ def validate(
 @app.command()
 def specs() -> None:
     """List the specs shipped with the package."""
-    from sweeps.spec import load_spec, shipped_specs
+    from sweeps.loading import load_spec, shipped_specs
 
     for name, path in sorted(shipped_specs().items()):
         spec = load_spec(path)

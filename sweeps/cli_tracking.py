@@ -38,18 +38,14 @@ def register(app: typer.Typer) -> None:
 
 def ui(directory: DirOption = None, port: Annotated[int, typer.Option(help="Preferred port.")] = 5000) -> None:
     """Print the MLflow UI's URL: $MLFLOW_TRACKING_URI if set, else the embedded server (started if needed)."""
-    import os
+    from tracking.connection import resolve_tracking
 
-    from tracking.connection import check_server
-    from tracking.server import ensure_server
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     with _errors():
-        if uri:
-            check_server(uri)
-            typer.echo(f"MLflow UI: {uri} (from MLFLOW_TRACKING_URI)")
-            return
-        info = ensure_server(directory, port=port)
+        resolved = resolve_tracking(root=directory, port=port)
+    info = resolved.server
+    if info is None:
+        typer.echo(f"MLflow UI: {resolved.uri} (from MLFLOW_TRACKING_URI)")
+        return
     state = "running" if info.reused else "started"
     typer.echo(f"MLflow UI: {info.url} ({state}, pid {info.pid}, data in {info.root})")
     typer.echo(f"export MLFLOW_TRACKING_URI={info.url}   # to log or query from other shells")
@@ -116,39 +112,24 @@ def report(target: Annotated[str, typer.Argument(help="Experiment name, or a swe
            tracking_uri: UriOption = None) -> None:
     """Markdown and HTML report of a study or one sweep: robust accuracy by configuration × attack × ε (mean ±
     std over seeds), latent clusters, masking diagnostics, plots. A sweep's report is also logged to its run."""
-    import re
-
-    from tracking.report import build_report, write_report
+    from tracking.report import make_report
 
     if split not in ("test", "val"):
         raise typer.BadParameter(f"split must be 'test' or 'val'; got {split!r}", param_hint="--split")
     with _errors():
         client = _client(tracking_uri)
-        experiment, sweep_id, parent = target, None, None
-        if re.fullmatch(r"[0-9a-f]{32}", target):
-            parent = client.get_run(target)
-            experiment = client.get_experiment(parent.info.experiment_id).name
-            sweep_id = parent.data.tags.get("gce.sweep_id")
         try:
-            built = build_report(client, experiment, sweep_id=sweep_id, split=split)
+            paths, parent = make_report(client, target, out, split=split)
         except ValueError as err:  # an experiment without finished trials
             raise typer.BadParameter(str(err), param_hint="TARGET") from err
-        folder = out or Path("reports") / (sweep_id or experiment)
-        paths = write_report(built, folder)
-        if parent is not None:
-            for path in paths:
-                client.log_artifact(parent.info.run_id, str(path), "report")
-    typer.echo(f"report: {paths[0]} and {paths[1]}" + (f" (also logged to run {parent.info.run_id})" if parent else ""))
+    typer.echo(f"report: {paths[0]} and {paths[1]}" + (f" (also logged to run {parent})" if parent else ""))
 
 
 def _client(tracking_uri: str | None):
-    from tracking.connection import check_server, resolve_tracking_uri
+    from tracking.connection import resolve_tracking
     from tracking.queries import client_for
 
-    if tracking_uri:
-        check_server(tracking_uri)
-        return client_for(tracking_uri)
-    return client_for(resolve_tracking_uri())
+    return client_for(resolve_tracking(tracking_uri).uri)
 
 
 def _check(metric: str, mode: str, fmt: str) -> None:

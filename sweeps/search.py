@@ -16,13 +16,27 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import SweepSpec
 
-__all__ = ["param_space", "scheduler", "searcher"]
+__all__ = ["describe", "param_space", "scheduler", "searcher", "trial_assignment"]
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     if spec.search.algorithm == "grid":
         return {"point": tune.grid_search(spec.grid_points()), "seed": tune.grid_search(list(spec.seeds))}
     return {}  # the Optuna searcher defines the space
+
+
+def trial_assignment(config: dict[str, Any], spec: SweepSpec) -> tuple[dict[str, Any], int]:
+    """(point, seed) of a trial: a grid trial carries them whole; an Optuna trial has one key per dimension."""
+    if "point" in config:
+        return dict(config["point"]), int(config["seed"])
+    point = {k: config[k] for k in spec.space if k in config and config[k] is not None}
+    return point, int(config.get("seed", spec.seeds[0]))
+
+
+def describe(point: dict[str, Any], seed: int | None = None) -> str:
+    """A trial's assignment in a few words ("loss.name=gce, loss.alpha=0.5, seed=1"); "base" for none."""
+    items = point if seed is None else {**point, "seed": seed}
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items()) or "base"
 
 
 class _OptunaSearch(OptunaSearch):

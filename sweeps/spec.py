@@ -1,4 +1,4 @@
-"""The sweep spec: YAML -> validated pydantic objects -> trial configs.
+"""The sweep spec's schema: validated pydantic objects -> trial configs (``sweeps.loading`` reads the YAML).
 
 A spec names an experiment, a base training config (gce.config.TrainConfig as a nested mapping), a search
 space over any of its fields (dotted paths), seeds as a factor, the evaluation attacks, the objective, the
@@ -11,16 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sweeps.space import Dimension
 
-__all__ = ["MAX_GRID_TRIALS", "SpecError", "SweepSpec", "load_spec", "shipped_specs"]
+__all__ = ["MAX_GRID_TRIALS", "SpecError", "SweepSpec"]
 
 MAX_GRID_TRIALS = 10_000  # a typo like 1e4 values in a grid should not start a month of trials
 _INACTIVE = object()  # a conditional dimension whose `when` does not hold
@@ -208,84 +205,3 @@ class SweepSpec(_Strict):
         data["name"] = f"{self.name}-smoke"
         data["experiment"] = f"{self.experiment}-smoke"  # smoke runs never mix with a study's real results
         return SweepSpec.model_validate(data)
-
-
-def shipped_specs() -> dict[str, Path]:
-    """Specs shipped in the package, by name."""
-    folder = resources.files("sweeps") / "specs"
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``["base.epochs=5", "space.loss.name=[ce, gce]"]``: set dotted paths, values parsed as YAML."""
-    raw = json.loads(json.dumps(raw))
-    for item in overrides:
-        path, sep, text = item.partition("=")
-        if not sep or not path:
-            raise SpecError(f"--set {item!r}: expected PATH=VALUE, e.g. base.epochs=5")
-        parts = path.split(".")
-        node = raw
-        # Keys of `space` are themselves dotted paths ("space.loss.alpha" sets the dimension "loss.alpha").
-        if parts[0] == "space" and len(parts) > 1:
-            parts = ["space", ".".join(parts[1:])]
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {}
-            node = child
-        try:
-            node[parts[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise SpecError(f"--set {item!r}: the value is not valid YAML: {err}") from None
-    return raw
-
-
-def load_spec(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SweepSpec:
-    """Parse and fully validate a spec (a path, a shipped name or a mapping), with ``--set`` overrides applied;
-    raise SpecError naming every bad field."""
-    if isinstance(source, dict):
-        raw, where = source, "<mapping>"
-    else:
-        path = Path(source)
-        if not path.exists():
-            shipped = shipped_specs()
-            if str(source) not in shipped:
-                raise SpecError(f"spec {str(source)!r}: no such file, and not a shipped spec "
-                                f"(shipped: {sorted(shipped)})")
-            path = shipped[str(source)]
-        where = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise SpecError(f"{where}: not valid YAML: {err}") from None
-    if isinstance(raw, dict) and overrides:
-        raw = apply_overrides(raw, overrides)
-    if not isinstance(raw, dict):
-        raise SpecError(f"{where}: a spec must be a mapping of fields (name, experiment, base, …); "
-                        f"got {type(raw).__name__}")
-    try:
-        spec = SweepSpec.model_validate(raw)
-    except ValidationError as err:
-        raise SpecError(f"{where}: invalid spec\n" + _format(err)) from None
-    from sweeps.validate import check_semantics
-
-    problems = check_semantics(spec)
-    if problems:
-        raise SpecError(f"{where}: invalid spec\n" + "\n".join(f"  - {p}" for p in problems))
-    return spec
-
-
-def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
-            msg = f"must be one of {e['ctx']['expected']}"
-        if not path:  # a check across fields: its message names them
-            lines.append(f"  - {msg}")
-        else:
-            lines.append(f"  - {path}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)

@@ -1,8 +1,9 @@
 """The Ray Tune function trainable: config -> gce.fit -> a report per epoch -> robust evaluation -> MLflow.
 
 Thin on purpose (Ray's mnist_pytorch example): the science is gce.train.fit and gce.evaluate; this file only
-reads the trial's assignment, loops, reports and tracks. Each trial logs to its own MLflow run, found again
-by (sweep id, trial id), so a restored trial continues its run and its epoch count from the last checkpoint.
+reads the trial's assignment, loops, reports and tracks, in three named steps (start, train, finish). Each
+trial logs to its own MLflow run, found again by (sweep id, trial id), so a restored trial continues its run
+and its epoch count from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,39 +17,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ray import tune
 
+from gce.metrics import CUDA_PEAK, PEAK_RSS, share_key, time_key
 from sweeps.evaluation import evaluate_trial
-from sweeps.spec import SweepSpec
+from sweeps.record import SweepRecord
+from sweeps.search import describe, trial_assignment
 
-__all__ = ["SweepContext", "train_trial", "trial_assignment"]
+if TYPE_CHECKING:
+    from tracking.logger import RunLogger
+
+__all__ = ["train_trial"]
 
 CHECKPOINT_FILE = "trial.pt"
-
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial of a sweep shares; passed once through Ray's object store (tune.with_parameters)."""
-
-    spec: dict[str, Any]  # SweepSpec.model_dump(): plain data travels to workers, objects are rebuilt there
-    sweep_id: str
-    parent_run_id: str
-    tracking_uri: str
-    experiment: str
-
-    def sweep_spec(self) -> SweepSpec:
-        return SweepSpec.model_validate(self.spec)
-
-
-def trial_assignment(config: dict[str, Any], spec: SweepSpec) -> tuple[dict[str, Any], int]:
-    """(point, seed) of a trial: a grid trial carries them whole; an Optuna trial has one key per dimension."""
-    if "point" in config:
-        return dict(config["point"]), int(config["seed"])
-    point = {k: config[k] for k in spec.space if k in config and config[k] is not None}
-    return point, int(config.get("seed", spec.seeds[0]))
 
 
 @lru_cache(maxsize=2)
@@ -59,56 +43,28 @@ def _dataset(name: str, root: str | None, download: bool, val_size: float, seed:
     return load_dataset(name, root, download=download, val_size=val_size, seed=seed, limit=limit)
 
 
-def train_trial(config: dict[str, Any], context: SweepContext) -> None:
-    from gce.train import fit, resolve_device
-    from tracking.logger import RunLogger
+@dataclass
+class _Trial:
+    """One trial's state while it runs: its config, its MLflow run and where its time went."""
 
-    # Where a trial's time goes, logged with its results: data, training, per-epoch tracking, Ray reporting
-    # (checkpoint + tune.report), evaluation and artifacts (benchmarks.trial_profile reads it back).
+    record: SweepRecord
+    config: Any  # gce.config.TrainConfig
+    trial_id: str
+    logger: RunLogger
+    run_id: str
+    clock: _Clock
+
+
+def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
+    """Tune's function trainable: open (or reopen) the trial's run, train with a report and checkpoint per
+    epoch, evaluate, log the final metrics and close the run."""
     clock = _Clock()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "checkpoint created" line every epoch
-    spec = context.sweep_spec()
-    point, seed = trial_assignment(config, spec)
-    train_config = spec.trial_config(point, seed)
-    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
-    trial_id = tune.get_context().get_trial_id()
-    # Unset options (α of a CE trial, no adversarial training) are left out, not logged as "None".
-    params = {k: v for k, v in train_config.to_flat().items() if v is not None}
-    params["sweep.point"] = _describe(point)
-    with clock("run_start"):  # the trial's MLflow run: tracking cost too
-        logger = RunLogger(context.tracking_uri, context.experiment)
-        run_id = logger.start_trial(context.sweep_id, trial_id, params, parent_run_id=context.parent_run_id,
-                                    run_name=f"{trial_id} {_describe(point)} seed={seed}")
-        logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
+    trial = _start(config, record, clock)
     ended = False
     try:
-        with clock("data"):
-            d = train_config.data
-            data = _dataset(d.dataset, d.root, d.download, d.val_size, seed, d.limit)
-        resume = tune.get_checkpoint()
-        if resolve_device(train_config.device).type == "cuda":  # a CPU trial must not create a CUDA context
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            resume_path = None
-            if resume is not None:
-                resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE
-
-            def report(end) -> None:
-                with clock("log"):
-                    logger.log_metrics(run_id, end.metrics, step=end.epoch)
-                with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
-                    end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
-                    tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
-
-            result = fit(train_config, callbacks=[report], data=data, resume_from=resume_path)
-        train_s = time.perf_counter() - started
-        final = evaluate_trial(spec, result.trainer, logger, run_id)
-        final.update({"time/train_s": train_s, "epoch": result.trainer.epoch})
-        final.update(clock.metrics(train_s, final["time/artifacts_s"]))
-        final.update(_peak_memory(result.trainer.device))
-        logger.log_metrics(run_id, final, step=result.trainer.epoch)
-        logger.end_run(run_id, "FINISHED")
+        result, train_s = _train(trial)
+        final = _finish(trial, result, train_s)
         ended = True
         # Tune's last result is what searchers and `best` read: give it the final clean metrics too.
         tune.report({**result.trainer.evaluate(), **final})
@@ -117,17 +73,77 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         # only the driver knows which, so its callbacks (and the launcher) close the run. Metrics still queued
         # (the server was away) are delivered first, or said to be lost.
         try:
-            logger.flush()
+            trial.logger.flush()
         except Exception as err:  # the stop must go on: the loss is reported, not hidden
-            print(f"trial {trial_id}: metrics not stored: {err}", file=sys.stderr)
+            print(f"trial {trial.trial_id}: metrics not stored: {err}", file=sys.stderr)
         raise
     except BaseException as err:
         if not ended:
             try:
-                logger.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+                trial.logger.log_text(trial.run_id, traceback.format_exc(), "error/traceback.txt")
             finally:
-                logger.end_run(run_id, "FAILED", error=err)
+                trial.logger.end_run(trial.run_id, "FAILED", error=err)
         raise
+
+
+def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial:
+    """The trial's TrainConfig and its MLflow run, found by (sweep id, trial id): a restored or retried trial
+    continues its own run."""
+    from tracking.logger import RunLogger
+
+    spec = record.sweep_spec
+    point, seed = trial_assignment(config, spec)
+    train_config = spec.trial_config(point, seed)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
+    trial_id = tune.get_context().get_trial_id()
+    # Unset options (α of a CE trial, no adversarial training) are left out, not logged as "None".
+    params = {k: v for k, v in train_config.to_flat().items() if v is not None}
+    params["sweep.point"] = describe(point)
+    with clock("run_start"):  # the trial's MLflow run: tracking cost too
+        logger = RunLogger(record.tracking_uri, record.experiment)
+        run_id = logger.start_trial(record.sweep_id, trial_id, params, parent_run_id=record.parent_run_id,
+                                    run_name=f"{trial_id} {describe(point)} seed={seed}")
+        logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
+    return _Trial(record, train_config, trial_id, logger, run_id, clock)
+
+
+def _train(trial: _Trial):
+    """gce.train.fit from the trial's last checkpoint (if any): per epoch, its metrics to MLflow in one batch,
+    then a checkpoint and the metrics to Tune. Returns (FitResult, seconds)."""
+    from gce.train import fit, resolve_device
+
+    cfg, clock, logger = trial.config, trial.clock, trial.logger
+    with clock("data"):
+        d = cfg.data
+        data = _dataset(d.dataset, d.root, d.download, d.val_size, cfg.seed, d.limit)
+    if resolve_device(cfg.device).type == "cuda":  # a CPU trial must not create a CUDA context
+        torch.cuda.reset_peak_memory_stats()
+
+    def report(end) -> None:
+        with clock("log"):
+            logger.log_metrics(trial.run_id, end.metrics, step=end.epoch)
+        with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
+            end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
+            tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        resume = tune.get_checkpoint()
+        resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE if resume is not None else None
+        result = fit(cfg, callbacks=[report], data=data, resume_from=resume_path)
+    return result, time.perf_counter() - started
+
+
+def _finish(trial: _Trial, result, train_s: float) -> dict[str, float]:
+    """The final evaluation and the trial's profile, logged in one batch; the run ends FINISHED."""
+    trainer = result.trainer
+    final = evaluate_trial(trial.record.sweep_spec, trainer, trial.logger, trial.run_id)
+    final.update({time_key("train"): train_s, "epoch": trainer.epoch})
+    final.update(trial.clock.metrics(train_s, final[time_key("artifacts")]))
+    final.update(_peak_memory(trainer.device))
+    trial.logger.log_metrics(trial.run_id, final, step=trainer.epoch)
+    trial.logger.end_run(trial.run_id, "FINISHED")
+    return final
 
 
 class _Clock:
@@ -146,15 +162,15 @@ class _Clock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def metrics(self, fit_s: float, artifacts_s: float) -> dict[str, float]:
-        """``time/*`` metrics: fit's wall time split into compute, tracking and reporting; shares of the trial
-        (evaluation reports its own time/eval_s and time/artifacts_s)."""
+        """The profile's ``time/*`` metrics: fit's wall time split into compute, tracking and reporting; shares
+        of the trial (evaluation reports its own eval and artifacts times)."""
         sec = self.seconds
-        log, report = sec.get("log", 0.0), sec.get("report", 0.0)
+        log, report, run_start = sec.get("log", 0.0), sec.get("report", 0.0), sec.get("run_start", 0.0)
         trial = time.perf_counter() - self.start
-        return {"time/data_s": sec.get("data", 0.0), "time/fit_compute_s": max(fit_s - log - report, 0.0),
-                "time/log_s": log, "time/run_start_s": sec.get("run_start", 0.0), "time/report_s": report,
-                "time/trial_s": trial, "time/report_share": report / trial,
-                "time/tracking_share": (sec.get("run_start", 0.0) + log + artifacts_s) / trial}
+        return {time_key("data"): sec.get("data", 0.0), time_key("fit_compute"): max(fit_s - log - report, 0.0),
+                time_key("log"): log, time_key("run_start"): run_start, time_key("report"): report,
+                time_key("trial"): trial, share_key("report"): report / trial,
+                share_key("tracking"): (run_start + log + artifacts_s) / trial}
 
 
 def _peak_memory(device: torch.device) -> dict[str, float]:
@@ -162,11 +178,8 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     this trial's peak allocated device memory."""
     from gce.memory import peak_rss_mb
 
-    out = {"mem/peak_rss_mb": peak_rss_mb()}
+    out = {PEAK_RSS: peak_rss_mb()}
     if device.type == "cuda":
-        out["mem/cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out[CUDA_PEAK] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
-
-def _describe(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items()) or "base"

@@ -19,7 +19,7 @@ from conftest import crash_server
 from mlflow import MlflowClient
 
 from sweeps.launcher import run_sweep
-from sweeps.spec import load_spec
+from sweeps.loading import load_spec
 from tracking.logger import ROLE_TAG, SWEEP_TAG
 from tracking.server import ensure_server
 

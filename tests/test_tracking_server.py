@@ -18,7 +18,7 @@ from tracking.connection import (
     check_server,
     free_port,
     http_status,
-    resolve_tracking_uri,
+    resolve_tracking,
 )
 from tracking.server import (
     default_root,
@@ -79,10 +79,10 @@ def test_default_root_is_project_local_or_from_the_environment(tmp_path, monkeyp
 
 def test_resolve_uses_the_configured_server_else_the_embedded_one(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    assert resolve_tracking_uri() == mlflow_server.url
+    assert resolve_tracking().uri == mlflow_server.url
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("GCE_TRACKING_DIR", mlflow_server.root)
-    assert resolve_tracking_uri() == mlflow_server.url  # found running, not started again
+    assert resolve_tracking().uri == mlflow_server.url  # found running, not started again
 
 
 def test_an_unreachable_uri_fails_fast_and_names_it(monkeypatch):
@@ -90,7 +90,7 @@ def test_an_unreachable_uri_fails_fast_and_names_it(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=uri):
-        resolve_tracking_uri()
+        resolve_tracking()
     assert time.monotonic() - start < 15
     result = runner.invoke(app, ["best", "some-study"])
     assert result.exit_code == 1 and uri in result.output and "Traceback" not in result.output

@@ -16,7 +16,7 @@ _EXPORTS = {
     "TrackingAuthError": "tracking.connection",
     "configure_client": "tracking.connection",
     "check_server": "tracking.connection",
-    "resolve_tracking_uri": "tracking.connection",
+    "resolve_tracking": "tracking.connection",
     "server_command": "tracking.server",
     "ensure_server": "tracking.server",
     "stop_server": "tracking.server",

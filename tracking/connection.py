@@ -13,6 +13,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from typing import Any
 
 # The one place the client is configured. MLflow's own retries are short (≈ 2-4 s of back-off for a refused
 # connection, 30 s per request at most): tracking.logger.RunLogger retries on top of them for as long as
@@ -48,18 +50,33 @@ def configure_client(environ: dict | None = None) -> dict[str, str]:
     return {key: environ[key] for key in CLIENT_ENV}
 
 
-def resolve_tracking_uri(start: bool = True) -> str:
-    """$MLFLOW_TRACKING_URI, checked to answer; else the embedded server (started when ``start``)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if uri:
-        check_server(uri)
-        return uri
-    from tracking.server import ensure_server, running_server
+@dataclass(frozen=True)
+class Resolved:
+    """The tracking server to use, and the embedded server behind it when that is what was chosen."""
 
-    info = ensure_server() if start else running_server()
+    uri: str
+    server: Any = None  # tracking.server.ServerInfo of the embedded server, else None
+
+    @property
+    def embedded_root(self) -> str | None:
+        return None if self.server is None else self.server.root
+
+
+def resolve_tracking(uri: str | None = None, *, saved: str | None = None, root: str | None = None,
+                     port: int | None = None, start: bool = True) -> Resolved:
+    """The one decision of which tracking server a command uses, checked to answer: ``uri`` (given
+    explicitly), else $MLFLOW_TRACKING_URI, else ``saved`` (the server a resumed sweep logged to), else the
+    embedded server of ``root`` (default: ``tracking.server.default_root()``), started when ``start``."""
+    for candidate in (uri, os.environ.get("MLFLOW_TRACKING_URI", "").strip(), saved):
+        if candidate:
+            check_server(candidate)
+            return Resolved(candidate)
+    from tracking.server import DEFAULT_PORT, ensure_server, running_server
+
+    info = ensure_server(root, port=port or DEFAULT_PORT) if start else running_server(root)
     if info is None:
         raise TrackingUnavailable("no MLFLOW_TRACKING_URI is set and no embedded server is running (gce-sweep ui)")
-    return info.url
+    return Resolved(info.url, info)
 
 
 def check_server(uri: str, attempts: int = 3, timeout: float = 3.0) -> None:
