@@ -53,10 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             base = timed(lambda ref=ref, x=x, y=y: len(ref(x, y)), device, repeats=2)
             row.update(torchattacks_images_per_s=base, ratio=fast / base)
         rows.append(row)
-    print(f"PGD-{args.steps} throughput, device {device}")
-    path = report("attack_throughput", rows, device, args.out)
-    print(f"written: {path}")
-    return rows
+    return report("attack_throughput", rows, device, args.out,
+                  title=f"PGD-{args.steps} throughput, device {device}")
 
 
 if __name__ == "__main__":

@@ -57,8 +57,12 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
-def report(name: str, rows: list[dict], device: torch.device, out_dir: Path | None = None) -> Path:
-    """Print rows as a table and write them, with the environment, to <out_dir>/<name>.json."""
+def report(name: str, rows: list[dict], device: torch.device, out_dir: Path | None = None,
+           title: str | None = None) -> list[dict]:
+    """Print ``title`` and the rows as a table, write them with the environment to <out_dir>/<name>.json, and
+    return the rows (every benchmark's last step)."""
+    if title:
+        print(title)
     keys = list(rows[0])
     widths = [max(len(k), *(len(_fmt(r[k])) for r in rows)) for k in keys]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
@@ -68,7 +72,8 @@ def report(name: str, rows: list[dict], device: torch.device, out_dir: Path | No
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(device), "rows": rows}, indent=2))
-    return path
+    print(f"written: {path}")
+    return rows
 
 
 def _fmt(value) -> str:

@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     memory = "torch.cuda.max_memory_allocated, CUDA context excluded" if device.type == "cuda" else "peak RSS"
     print(f"\n{args.model}, GCE, batch {args.batch_size}, MNIST-5k, {args.seconds:g} s per level, device {device} "
           f"(memory: {memory})")
-    path = report("packing", rows, device, args.out)
-    print(f"written: {path}")
+    report("packing", rows, device, args.out)
     target = next((r for r in rows if r["concurrency"] == TARGET_N), None)
     if target is not None:
         met = target["worst_vs_solo"] >= TARGET_RATIO

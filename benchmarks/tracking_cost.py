@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         {"method": "one log_batch per epoch (tracking.logger)", "calls_per_epoch": 1,
          "ms_per_epoch": batched_ms, "ratio": per_metric_ms / batched_ms},
     ]
-    print(f"{args.metrics} metrics an epoch, median of {args.epochs} epochs, same run, {where}")
-    path = report("tracking_cost", rows, torch.device("cpu"), args.out)
-    print(f"written: {path}")
-    return rows
+    return report("tracking_cost", rows, torch.device("cpu"), args.out,
+                  title=f"{args.metrics} metrics an epoch, median of {args.epochs} epochs, same run, {where}")
 
 
 if __name__ == "__main__":

@@ -128,10 +128,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     if compiled is not None:
         rows.append({"method": "gce.train + torch.compile", "images_per_s": compiled, "ratio": compiled / baseline})
-    print(f"LeNet-5, GCE, Adam, batch {args.batch_size}, {len(bundle.train)} MNIST-5k images, device {device}")
-    path = report("train_throughput", rows, device, args.out)
-    print(f"written: {path}")
-    return rows
+    return report("train_throughput", rows, device, args.out,
+                  title=f"LeNet-5, GCE, Adam, batch {args.batch_size}, {len(bundle.train)} MNIST-5k images, "
+                        f"device {device}")
 
 
 if __name__ == "__main__":
