@@ -110,8 +110,6 @@ def test_labels_are_short_and_distinguish_what_matters():
         ({"name": "jsma", "loss": "ce"}, "loss"),
         ({"step_size": 0.0}, "step_size"),
         ({"normalization": "log"}, "normalization"),
-        ({"name": "fgsm", "steps": 0}, "steps does not apply"),  # an option the attack never reads
-        ({"name": "pgd", "decay": 0.5}, "decay does not apply"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):

@@ -71,10 +71,9 @@ class AttackConfig:
         if self.name not in ATTACKS:
             raise ValueError(f"unknown attack name {self.name!r}; known attacks: {sorted(ATTACKS)}")
         taken = _taken(ATTACKS[self.name])
-        for f in fields(self):  # a field the attack never reads must not look as if it had an effect
-            if f.name not in taken and f.name not in ("name", "eps") and getattr(self, f.name) != f.default:
-                unset = "unset (None)" if f.default is None else f"at its default ({f.default!r})"
-                raise ValueError(f"{f.name} does not apply to attack {self.name!r}; leave {f.name} {unset}")
+        for f in fields(self):  # optional fields: None = the attack's default; set on an attack that never reads it
+            if f.default is None and getattr(self, f.name) is not None and f.name not in taken:
+                raise ValueError(f"{f.name} does not apply to attack {self.name!r}; leave {f.name} unset (None)")
         # Every other option is checked once, where it is used: by the attack loss and the attack's constructor.
         build_attack(self, train_loss=cross_entropy)  # a stand-in for loss "train": the real one comes at build time
 
