@@ -53,6 +53,8 @@ class _Trial:
     logger: RunLogger
     run_id: str
     clock: _Clock
+    logged_epochs: int = 0  # epochs whose metrics an earlier attempt of this trial already stored
+    final: dict[str, float] | None = None  # the final metrics, when an earlier attempt stored them
 
 
 def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
@@ -63,11 +65,16 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
     trial = _start(config, record, clock)
     ended = False
     try:
+        if trial.final is not None:  # an earlier attempt evaluated and logged it; only the run's end was lost
+            trial.logger.end_run(trial.run_id, "FINISHED")
+            ended = True
+            tune.report(trial.final)
+            return
         result, train_s = _train(trial)
         final = _finish(trial, result, train_s)
         ended = True
         # Tune's last result is what searchers and `best` read: give it the final clean metrics too.
-        tune.report({**result.trainer.evaluate(), **final})
+        tune.report({**result.trainer.evaluate(), **final, "epoch": result.trainer.epoch})
     except SystemExit:
         # Tune ends a trial's thread at a report when the scheduler stops it, and when the driver shuts down:
         # only the driver knows which, so its callbacks (and the launcher) close the run. Metrics still queued
@@ -104,7 +111,11 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
         run_id = logger.start_trial(record.sweep_id, trial_id, params, parent_run_id=record.parent_run_id,
                                     run_name=f"{trial_id} {describe(point)} seed={seed}")
         logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
-    return _Trial(record, train_config, trial_id, logger, run_id, clock)
+        stored = logger.stored_metrics(run_id)
+    # Exactly once: an earlier attempt's epochs are in the run already. Its metrics went out in order, one
+    # log_batch an epoch, so they are the epochs 1..latest "epoch"; the replay of those skips logging.
+    final = stored if time_key("trial") in stored else None
+    return _Trial(record, train_config, trial_id, logger, run_id, clock, int(stored.get("epoch", 0)), final)
 
 
 def _train(trial: _Trial):
@@ -120,11 +131,16 @@ def _train(trial: _Trial):
         torch.cuda.reset_peak_memory_stats()
 
     def report(end) -> None:
-        with clock("log"):
-            logger.log_metrics(trial.run_id, end.metrics, step=end.epoch)
+        if end.epoch > trial.logged_epochs:  # a replayed epoch (restored from an older checkpoint) is not logged
+            with clock("log"):
+                logger.log_metrics(trial.run_id, end.metrics, step=end.epoch)
         with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
             end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
-            tune.report(end.metrics, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+            # The profile so far rides along to Tune (not to MLflow): a trial the scheduler stops ends inside this
+            # call, and the driver's callback then logs the profile from the trial's last result.
+            profile = clock.metrics(time.perf_counter() - started, 0.0) | _peak_memory(end.trainer.device)
+            profile[time_key("train")] = time.perf_counter() - started
+            tune.report({**end.metrics, **profile}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +154,7 @@ def _finish(trial: _Trial, result, train_s: float) -> dict[str, float]:
     """The final evaluation and the trial's profile, logged in one batch; the run ends FINISHED."""
     trainer = result.trainer
     final = evaluate_trial(trial.record.sweep_spec, trainer, trial.logger, trial.run_id)
-    final.update({time_key("train"): train_s, "epoch": trainer.epoch})
+    final[time_key("train")] = train_s  # "epoch" is logged per epoch already: not again at the last step
     final.update(trial.clock.metrics(train_s, final[time_key("artifacts")]))
     final.update(_peak_memory(trainer.device))
     trial.logger.log_metrics(trial.run_id, final, step=trainer.epoch)

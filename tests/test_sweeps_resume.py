@@ -4,6 +4,7 @@ interrupted trial continuing from its checkpoint, nothing left RUNNING. Real pro
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from benchmarks.faults import descendants, kill_all
 from tracking.logger import ROLE_TAG, SWEEP_TAG
 
 pytestmark = pytest.mark.slow
@@ -28,27 +30,6 @@ SPEC = {
     "evaluation": {"max_examples": 64, "attacks": [{"name": "fgsm", "eps": [0.1]}]},
     "resources": {"cpu": 1}, "max_concurrent_trials": 1,
 }
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Ray's GCS, raylet and workers outlive a killed driver)."""
-    table = [line.split() for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True,
-                                                     text=True).stdout.splitlines()]
-    children: dict[int, list[int]] = {}
-    for child, parent in table:
-        children.setdefault(int(parent), []).append(int(child))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def trial_runs(client: MlflowClient, sweep_id: str):
@@ -117,14 +98,55 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
     assert {r.info.status for r in after} == {"FINISHED"}  # none left RUNNING or KILLED
     for run in after:
         steps = Counter(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-        assert sorted(steps) == list(range(1, EPOCHS + 1))
+        assert sorted(steps) == list(range(1, EPOCHS + 1)) and set(steps.values()) == {1}  # exactly once
         trial = run.data.tags["gce.trial_id"]
         if trial in done_before:  # kept, not re-run
             assert set(steps.values()) == {1} and "gce.resumes" not in run.data.tags
-        if trial in interrupted:  # continued from its checkpoint, not from scratch
-            assert steps[1] == 1 and max(steps.values()) <= 2
+        if trial in interrupted:  # continued from its checkpoint, its replayed epochs not logged again
             assert run.data.tags.get("gce.resumes") == "1"
     exp = client.get_experiment_by_name("test-resume")
     parents = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND "
                                                       f"tags.`{ROLE_TAG}` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_kill_before_tune_saved_anything_then_resume(mlflow_server, tmp_path):
+    """A driver killed in the first seconds (its record and parent run exist, Tune has written nothing yet):
+    resume starts the Tune run afresh under the same sweep id and parent run, and finishes it."""
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump({**SPEC, "base": {**SPEC["base"], "epochs": 2}}))
+    results = tmp_path / "ray_results"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.url, "GCE_RAY_RESULTS": str(results),
+           "RAY_AUTH_MODE": "disabled"}
+    driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ray_pids: list[int] = []
+    try:
+        deadline, record = time.time() + 120, None
+        while time.time() < deadline and record is None:  # the moment the parent run is in the record
+            for path in results.glob("resume-*/gce_sweep.json"):
+                with contextlib.suppress(ValueError):
+                    if json.loads(path.read_text()).get("parent_run_id"):
+                        record = path
+            time.sleep(0.02)
+        assert record is not None, "the sweep never wrote its record"
+        ray_pids = descendants(driver.pid)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_all(ray_pids + descendants(driver.pid))
+        assert not (record.parent / "tuner.pkl").exists() or not list(record.parent.glob("experiment_state-*"))
+        sweep_id = record.parent.name
+        resume = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", sweep_id], env=env,
+                                capture_output=True, text=True, timeout=600, start_new_session=True)
+    finally:
+        if driver.poll() is None:
+            os.kill(driver.pid, signal.SIGKILL)
+        kill_all(ray_pids)
+    output = resume.stdout + resume.stderr
+    assert resume.returncode == 0 and "Traceback" not in output, output[-3000:]
+    assert "starting afresh" in resume.stdout and "3 trial(s), 0 failed" in resume.stdout
+    client = MlflowClient(mlflow_server.url)
+    runs = client.search_runs([client.get_experiment_by_name("test-resume").experiment_id],
+                              f"tags.`{SWEEP_TAG}` = '{sweep_id}'")
+    assert Counter(r.data.tags[ROLE_TAG] for r in runs) == {"sweep": 1, "trial": 3}
+    assert {r.info.status for r in runs} == {"FINISHED"}

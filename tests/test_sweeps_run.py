@@ -107,6 +107,9 @@ def test_asha_stops_a_bad_trial_early(ray_local, mlflow_server, tmp_path):
     bad_epochs = [m.step for m in client.get_metric_history(bad.info.run_id, "val/clean_acc")]
     assert len(bad_epochs) < 4
     assert bad.info.status == "FINISHED" and "stopped early" in bad.data.tags["stop_reason"]
+    # Its profile up to the stop, logged once by the driver (the stopped trial could not).
+    assert {"time/trial_s", "time/train_s", "time/log_s", "mem/peak_rss_mb"} <= set(bad.data.metrics)
+    assert len(client.get_metric_history(bad.info.run_id, "time/trial_s")) == 1
     assert "val/robust_acc/worst_case" not in bad.data.metrics
     # plots: false keeps the checkpoint and config, renders no figure.
     assert {a.path for a in client.list_artifacts(good.info.run_id)} == {"checkpoints", "config.json"}
@@ -119,6 +122,10 @@ def test_cli_runs_the_quickstart_smoke(mlflow_server, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "MLflow UI: " in out.stdout and "parent run: " in out.stdout
+    # What the user sees is clean: no traceback from Ray, Tune or a worker's shutdown, and the last progress line
+    # counts no trial as running once all are done.
+    assert "Traceback" not in out.stdout + out.stderr and "Exception ignored" not in out.stdout + out.stderr
+    assert [line for line in out.stdout.splitlines() if line.startswith("[5/5]")][0].count("running 0")
     assert "5 trial(s), 0 failed" in out.stdout
     client = MlflowClient(mlflow_server.url)
     exp = client.get_experiment_by_name("gce-quickstart-smoke")

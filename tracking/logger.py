@@ -111,6 +111,25 @@ class RunLogger:
             self.set_tags(run_id, tags)
         self.delivery.call(self.client.set_terminated, run_id, status)  # after everything queued for the run
 
+    def run(self, run_id: str):
+        """The run as the server holds it (its latest metric values, tags, status)."""
+        return self.delivery.call(self.client.get_run, run_id)
+
+    def stored_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of every metric the server holds for the run (what an earlier attempt stored)."""
+        return dict(self.run(run_id).data.metrics)
+
+    def discard_trials(self, sweep_id: str) -> list[str]:
+        """Delete (MLflow's soft delete) the sweep's trial runs: those of an attempt whose trials Tune never
+        recorded, which a fresh start would otherwise leave beside its own. Returns the run ids."""
+        where = f"tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}' AND tags.`{ROLE_TAG}` = 'trial'"
+        runs = [r.info.run_id for r in self._search_all(where)]
+        for run_id in runs:
+            self.set_tags(run_id, {"gce.closed_as": "discarded: its sweep restarted before Tune recorded it"})
+            self.delivery.call(self.client.set_terminated, run_id, "KILLED")
+            self.delivery.call(self.client.delete_run, run_id)
+        return runs
+
     def clear_error(self, run_id: str) -> None:
         """Drop the ``error`` tag of an earlier, failed attempt of a run that is being retried."""
         if "error" in self.delivery.call(self.client.get_run, run_id).data.tags:
