@@ -7,6 +7,8 @@ between reports; the driver sees every trial end, so it closes what is still RUN
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -35,17 +37,27 @@ class RunClosingCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         return {**self.__dict__, "_logger": None}
 
-    def _close(self, trial, status: str, **kwargs: Any) -> None:
+    def _close(self, trial, status: str, profile: bool = False, **kwargs: Any) -> None:
         run = self.logger.find_run(self.record.sweep_id, trial.trial_id)
         if run is not None and run.info.status == "RUNNING":
+            result = trial.last_result or {}
+            if profile:  # the trial's own profile up to its stop (the trial could not log it: it was stopped)
+                times = {k: v for k, v in result.items() if k.startswith(("time/", "mem/"))}
+                if times:
+                    self.logger.log_metrics(run.info.run_id, times, step=int(result.get("epoch", 0)))
             self.logger.end_run(run.info.run_id, status, **kwargs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch", "?")
         reason = f"stopped early by the {self.record.sweep_spec.scheduler.name} scheduler after epoch {epoch}"
-        self._close(trial, "FINISHED", stop_reason=reason)
+        self._close(trial, "FINISHED", profile=True, stop_reason=reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        if "TrackingUnavailable" in _why(trial):  # the trial waited the whole outage bound already: do not again
+            from tracking.connection import MAX_OUTAGE_ENV
+            from tracking.delivery import outage_spent
+
+            outage_spent(self.record.tracking_uri, float(os.environ.get(MAX_OUTAGE_ENV, "300")))
         self._close(trial, "FAILED", error=f"trial {trial.trial_id} errored: {trial.error_file or 'see Ray logs'}")
 
 
@@ -85,16 +97,33 @@ class ProgressCallback(Callback):
             better = self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0])
             if better:
                 self.best = (value, f"{trial.trial_id} ({self._assignment(trial.config)})")
-        self._line(trials, f"{trial.trial_id}  {what}")
+        self._line(trials, trial, f"{trial.trial_id}  {what}")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+        self.console.print(f"[yellow]retry[/]  {trial.trial_id}  failed ({_why(trial)}); it continues from its "
+                           "last checkpoint, in the same run")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.failed += 1
-        self._line(trials, f"[red]{trial.trial_id} failed[/]: {trial.error_file}")
+        self._line(trials, trial, f"[red]{trial.trial_id} failed[/] ({_why(trial)}): {trial.error_file}")
 
-    def _line(self, trials: list, what: str) -> None:
-        running = sum(1 for t in trials if t.status == "RUNNING")
+    def _line(self, trials: list, trial, what: str) -> None:
+        # The trial being reported is still RUNNING in Tune's list while its callbacks run.
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not trial)
         metric, _ = self.objectives[0]
         best = f"best {metric}={self.best[0]:.4f} {self.best[1]}" if self.best else "best: none yet"
         self.console.print(f"[{self.done + self.failed + self.stopped}/{self.total}] done {self.done}, running "
                            f"{running}, failed {self.failed}, stopped early {self.stopped} | {what} | {best}")
 
+
+def _why(trial) -> str:
+    """The first error line of a trial's error file: what failed, without Ray's traceback."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines()
+                 if line.strip() and not line.startswith("Failure #")]
+    except (OSError, TypeError):
+        return "see Ray's logs"
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    if errors and errors[-1].startswith("raise "):  # a source line of the traceback, not the error itself
+        errors = [line for line in errors if not line.startswith("raise ")]
+    return (errors or lines or ["no error recorded"])[-1][:200]

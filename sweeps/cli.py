@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -148,14 +150,11 @@ def run(
     from rich.console import Console
 
     from sweeps.launcher import run_sweep
-    from sweeps.spec import SpecError
 
     loaded = _load(spec, smoke, set_)
     console = Console(soft_wrap=True)
-    try:
+    with _driver_errors("SPEC"):
         result = run_sweep(loaded, address=address, storage=storage, console=console)
-    except SpecError as err:
-        raise typer.BadParameter(str(err), param_hint="SPEC") from err
     _finish(console, result)
 
 
@@ -169,14 +168,31 @@ def resume(
     from rich.console import Console
 
     from sweeps.launcher import resume_sweep
-    from sweeps.spec import SpecError
 
     console = Console(soft_wrap=True)
-    try:
+    with _driver_errors("SWEEP"):
         result = resume_sweep(sweep, storage=storage, console=console)
-    except SpecError as err:
-        raise typer.BadParameter(str(err), param_hint="SWEEP") from err
     _finish(console, result)
+
+
+@contextlib.contextmanager
+def _driver_errors(param_hint: str) -> Iterator[None]:
+    """What stops a driver, as one line: a spec or sweep that cannot run (exit 2), the tracking server gone
+    (exit 1), an interrupt (exit 130; every run was closed as KILLED with how to resume)."""
+    from sweeps.spec import SpecError
+    from tracking.connection import TrackingUnavailable
+
+    try:
+        yield
+    except SpecError as err:
+        raise typer.BadParameter(str(err), param_hint=param_hint) from err
+    except TrackingUnavailable as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from err
+    except KeyboardInterrupt as err:
+        typer.echo("interrupted: the sweep's runs are closed as KILLED; `gce-sweep resume <sweep id>` continues it",
+                   err=True)
+        raise typer.Exit(130) from err
 
 
 def _finish(console, result) -> None:

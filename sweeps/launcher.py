@@ -7,12 +7,17 @@ its record (``sweeps.record``: spec, parent run, tracking server), which is all 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from sweeps.record import SweepRecord, SweepResult, default_storage
+from sweeps.runtime import check_address, init_ray, reap_dead_sessions
 from sweeps.spec import SpecError, SweepSpec
 
 __all__ = ["SweepResult", "default_storage", "resume_sweep", "run_sweep"]
@@ -23,9 +28,10 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     """Run every trial of ``spec`` and return where its results are; the spec must already be validated."""
     from sweeps.validate import check_resources
     from tracking.connection import resolve_tracking
-    from tracking.logger import RunLogger, spec_hash
 
     address = address or spec.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        check_address(address)  # a cluster that is not there fails now, in seconds, naming it
     problems = check_resources(spec, address)
     if problems:
         raise SpecError("resources cannot be met:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -35,16 +41,12 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
                         "machine's loopback); set MLFLOW_TRACKING_URI to a server the workers can reach (e.g. the "
                         "docker stack's)")
     sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    resolved = spec.model_dump(mode="json")
-    logger = RunLogger(tracking.uri, spec.experiment)
-    parent = logger.start_sweep(sweep_id, spec_name=spec.name, spec_hash=spec_hash(resolved), ray_address=address)
-    logger.log_spec(parent, resolved)
-    logger.log_params(parent, {"sweep.trials": spec.trial_count(), "sweep.search": spec.search.algorithm,
-                               "sweep.scheduler": spec.scheduler.name, "sweep.seeds": spec.seeds})
-    record = SweepRecord(sweep_id, parent, tracking.uri, spec.experiment,
-                         str(Path(storage or spec.storage_path or default_storage()).absolute()), resolved,
-                         address, tracking.embedded_root)
+    # The record before anything else: a driver killed at any later moment leaves a sweep `resume` continues.
+    record = SweepRecord(sweep_id, "", tracking.uri, spec.experiment,
+                         str(Path(storage or spec.storage_path or default_storage()).absolute()),
+                         spec.model_dump(mode="json"), address, tracking.embedded_root)
     record.save()
+    record, logger = _open_parent(record)
     _announce(console, record, logger.experiment_id)
     return _execute(record, restore=False, console=console)
 
@@ -60,16 +62,48 @@ def resume_sweep(sweep: str, *, storage: str | Path | None = None, console=None)
     # wherever resume is called from; MLFLOW_TRACKING_URI, when set, wins.
     tracking = resolve_tracking(saved=None if record.tracking_dir else record.tracking_uri, root=record.tracking_dir)
     record = record.with_tracking(tracking.uri)
-    logger = RunLogger(record.tracking_uri, record.experiment)
-    parent = logger.find_run(record.sweep_id)
-    if parent is None or parent.info.run_id != record.parent_run_id:
+    found = RunLogger(record.tracking_uri, record.experiment).find_run(record.sweep_id)
+    if record.parent_run_id and (found is None or found.info.run_id != record.parent_run_id):
         raise SpecError(f"sweep {record.sweep_id}: its parent run {record.parent_run_id} is not on "
                         f"{record.tracking_uri}; point MLFLOW_TRACKING_URI at the server the sweep logged to")
-    logger.start_sweep(record.sweep_id, spec_name=record.sweep_spec.name, spec_hash="")  # reopens the parent run
+    reaped = reap_dead_sessions(record.folder)
+    record, logger = _open_parent(record)  # reopened (or created, when the driver died before it could)
+    restore = _restorable(record.folder)
+    # Without Tune's state the sweep starts afresh under its id: runs of trials Tune never recorded cannot be
+    # continued (a new Tuner names its trials anew), so they are discarded rather than left beside the new ones.
+    discarded = [] if restore else logger.discard_trials(record.sweep_id)
     closed = logger.close_orphans(record.sweep_id)
     if console is not None:
-        console.print(f"resuming sweep {record.sweep_id} (closed {len(closed)} orphaned run(s) as KILLED)")
-    return _execute(record, restore=True, console=console)
+        how = "continuing from Tune's state" if restore else \
+            f"Tune had saved no state yet: starting afresh, {len(discarded)} unrecorded trial run(s) discarded"
+        console.print(f"resuming sweep {record.sweep_id}: {how}; closed {len(closed)} orphaned run(s) as KILLED"
+                      + (f"; ended {reaped} process(es) left by the dead driver's Ray" if reaped else ""))
+    return _execute(record, restore=restore, console=console)
+
+
+def _open_parent(record: SweepRecord):
+    """The sweep's parent run, RUNNING: created once (then found by the sweep id) with the spec and the sweep's
+    params; its id goes into the record. Returns (record, RunLogger)."""
+    from tracking.logger import RunLogger, spec_hash
+
+    spec = record.sweep_spec
+    logger = RunLogger(record.tracking_uri, record.experiment)
+    parent = logger.start_sweep(record.sweep_id, spec_name=spec.name, spec_hash=spec_hash(record.spec),
+                                ray_address=record.address)
+    if parent != record.parent_run_id:
+        logger.log_spec(parent, record.spec)
+        logger.log_params(parent, {"sweep.trials": spec.trial_count(), "sweep.search": spec.search.algorithm,
+                                   "sweep.scheduler": spec.scheduler.name, "sweep.seeds": spec.seeds})
+        record = replace(record, parent_run_id=parent)
+        record.save()
+    return record, logger
+
+
+def _restorable(folder: Path) -> bool:
+    """Whether Tune saved enough to restore: its tuner.pkl and at least one experiment state."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(folder)) and any(folder.glob("experiment_state-*.json"))
 
 
 def _announce(console, record: SweepRecord, experiment_id: str) -> None:
@@ -88,7 +122,8 @@ def _execute(record: SweepRecord, *, restore: bool, console) -> SweepResult:
     _init_ray(record)
     tuner = _tuner(record, restore, console)
     try:
-        grid = tuner.fit()
+        with _embedded_server_kept_up(record):
+            grid = tuner.fit()
     except BaseException as err:  # the driver itself failed or was interrupted: nothing stays RUNNING
         _close_interrupted(record, f"the sweep driver stopped: {type(err).__name__}: {err}")
         raise
@@ -101,10 +136,36 @@ def _execute(record: SweepRecord, *, restore: bool, console) -> SweepResult:
     return result
 
 
+@contextlib.contextmanager
+def _embedded_server_kept_up(record: SweepRecord, every_s: float = 2.0) -> Iterator[None]:
+    """While the sweep runs, the embedded server it logs to is started again on its port if its process dies:
+    trials buffer their metrics through the outage (tracking.delivery) and reconnect to the same address."""
+    if not record.tracking_dir:  # a server of the user's (docker stack, remote): theirs to keep up
+        yield
+        return
+    from tracking.server import revive_server
+
+    port = int(record.tracking_uri.rstrip("/").rsplit(":", 1)[1])
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            try:
+                revive_server(record.tracking_dir, port)
+            except Exception:  # e.g. the port was taken meanwhile: try again next round; trials keep buffering
+                continue
+
+    thread = threading.Thread(target=watch, name="gce-embedded-server", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def _init_ray(record: SweepRecord) -> None:
     """A local Ray (or the record's cluster) whose workers log in to the tracking server like the driver."""
-    import ray
-
     from tracking.connection import configure_client
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep finished trials across a driver kill
@@ -113,16 +174,12 @@ def _init_ray(record: SweepRecord) -> None:
     # Robust metrics (the usual objective) exist only in a trial's last report, not in its per-epoch ones: the
     # spec validator checks objectives against the metric schema instead.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    if ray.is_initialized():
-        return
+    # A failed trial is one console line (ProgressCallback) and its traceback is in its run, not on the screen.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     env = {**configure_client(), "MLFLOW_TRACKING_URI": record.tracking_uri}
     env |= {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                                        "MLFLOW_TRACKING_TOKEN") if os.environ.get(k)}
-    if record.address:
-        ray.init(address=record.address, runtime_env={"env_vars": env}, logging_level="WARNING")
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level="WARNING")
+    init_ray(record, env)
 
 
 def _tuner(record: SweepRecord, restore: bool, console):
@@ -183,8 +240,14 @@ def _close_parent(result: SweepResult) -> None:
 
     record = result.record
     logger = RunLogger(record.tracking_uri, record.experiment)
-    logger.log_metrics(record.parent_run_id, {SWEEP_TRIALS: result.trials, SWEEP_ERRORS: result.errors,
-                                              **({SWEEP_BEST: result.best["value"]} if result.best else {})})
+    # Once per value: a resumed sweep (or one whose driver died while closing) logs only what changed, at the
+    # step of its resume count, so no (metric, step) is ever stored twice.
+    run = logger.run(record.parent_run_id)
+    values = {SWEEP_TRIALS: result.trials, SWEEP_ERRORS: result.errors,
+              **({SWEEP_BEST: result.best["value"]} if result.best else {})}
+    changed = {k: v for k, v in values.items() if run.data.metrics.get(k) != v}
+    if changed:
+        logger.log_metrics(record.parent_run_id, changed, step=int(run.data.tags.get("gce.resumes", 0)))
     logger.log_spec(record.parent_run_id, result.summary(), "sweep_result.json")
     logger.end_run(record.parent_run_id, "FINISHED" if result.errors == 0 else "FAILED",
                    error=f"{result.errors} trial(s) failed" if result.errors else None)

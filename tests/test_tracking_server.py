@@ -1,6 +1,7 @@
 """The embedded server's lifecycle and the bad-input paths: port taken, unreachable URI, wrong credentials."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,3 +123,23 @@ def test_tracking_imports_neither_ray_nor_torch_and_the_cli_no_mlflow():
     code = "import sys, sweeps.cli, tracking.server; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", "the CLI and the server helpers must not pay for importing mlflow"
+
+
+def test_a_killed_server_not_yet_reaped_counts_as_dead():
+    """A server started by another long-lived process and killed stays a zombie until that process reaps it:
+    it must count as dead, or nothing would ever start the server again (found by the fault campaign)."""
+    from tracking.server import pid_alive
+
+    shell = subprocess.Popen(["bash", "-c", "sleep 30 & echo $!; exec sleep 10"], stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = int(shell.stdout.readline())
+        assert pid_alive(orphan)
+        os.kill(orphan, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{orphan}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not pid_alive(orphan)  # a zombie whose parent (the shell) has not reaped it
+    finally:
+        shell.kill()
+        shell.wait()

@@ -109,10 +109,24 @@ def running_server(root: Path | str | None = None) -> ServerInfo | None:
         info = ServerInfo(**{k: v for k, v in json.loads(state.read_text()).items() if k != "reused"})
     except (OSError, ValueError, TypeError):
         return None
-    if _alive(info.pid) and http_status(f"{info.url}/health", timeout=2.0) == 200:
+    if pid_alive(info.pid) and http_status(f"{info.url}/health", timeout=2.0) == 200:
         return info
     state.unlink(missing_ok=True)
     return None
+
+
+def revive_server(root: Path | str, port: int) -> ServerInfo | None:
+    """Start the embedded server of ``root`` again, on ``port`` (the address its clients know), when its
+    recorded process has died; a live server is left alone however slowly it answers. The new one, or None."""
+    root = Path(root).resolve()
+    with _locked(root):
+        try:
+            pid = int(json.loads((root / STATE_FILE).read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid = None
+        if pid is not None and pid_alive(pid):
+            return None
+        return _start(root, port, "127.0.0.1", timeout=120.0)
 
 
 def stop_server(root: Path | str | None = None, timeout: float = 20.0) -> bool:
@@ -124,9 +138,9 @@ def stop_server(root: Path | str | None = None, timeout: float = 20.0) -> bool:
             return False
         _signal_group(info.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(info.pid) and time.monotonic() < deadline:
+        while pid_alive(info.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(info.pid):
+        if pid_alive(info.pid):
             _signal_group(info.pid, signal.SIGKILL)
         (root / STATE_FILE).unlink(missing_ok=True)
         return True
@@ -180,7 +194,9 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie (killed, not yet reaped by a parent that is not us) is dead: a
+    server started by another long-lived process and killed would otherwise look alive for good."""
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it
             return False
@@ -190,6 +206,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError):  # Linux: the state follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     return True
 
 
