@@ -262,8 +262,9 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
     say(f"fault campaign: seed {seed}, {kills} kills of {', '.join(targets)} (replay: --seed {seed})")
     lives = [calibrate(sandbox)]
 
-    def duration() -> float:  # the median life of an unkilled `run` so far
-        return sorted(lives)[len(lives) // 2]
+    def duration() -> float:  # the median life of an unkilled `run` (the first, cold one only until others ran)
+        warm = sorted(lives[1:] or lives)
+        return warm[len(warm) // 2]
 
     problems = check(sandbox, 0, [root / "sweep0-run.log"])
     result.violations += problems

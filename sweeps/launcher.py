@@ -199,9 +199,10 @@ def _tuner(record: SweepRecord, restore: bool, console):
         name=record.sweep_id, storage_path=record.storage, verbose=0,
         callbacks=[c for c in callbacks if c is not None],
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        # Two, not one: the experiment state written before a driver dies may still name the previous
-        # checkpoint, which must then still exist for `resume`.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2))
+        # Tune deletes nothing: its deletions race the experiment state (written every second, synced to
+        # storage after) so that a killed driver's state could name a checkpoint already gone. Trials prune
+        # their own old checkpoints instead (sweeps.trainable._prune_checkpoints).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None))
     return tune.Tuner(trainable, param_space=param_space(spec), run_config=run_config,
                       tune_config=tune.TuneConfig(search_alg=searcher(spec), scheduler=scheduler(spec),
                                                   num_samples=spec.search.num_samples, reuse_actors=True,

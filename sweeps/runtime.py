@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -112,15 +111,3 @@ def _holding(session_dir: str) -> list[int]:
             if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
                 found.append(int(proc.name))
     return [pid for pid in found if pid != os.getpid()]
-
-
-class _GoneCheckpointFilter(logging.Filter):
-    """Tune deletes checkpoints beyond ``num_to_keep``; one that a killed driver had already deleted raises
-    FileNotFoundError, which Tune logs as a traceback though nothing is lost. Say nothing of that case."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not (isinstance(error, FileNotFoundError) and "Error handling checkpoint" in str(record.msg))
-
-
-logging.getLogger("ray.tune.execution.tune_controller").addFilter(_GoneCheckpointFilter())

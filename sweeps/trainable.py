@@ -8,7 +8,9 @@ and its epoch count from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -55,6 +57,7 @@ class _Trial:
     clock: _Clock
     logged_epochs: int = 0  # epochs whose metrics an earlier attempt of this trial already stored
     final: dict[str, float] | None = None  # the final metrics, when an earlier attempt stored them
+    reopened: bool = True  # False: the run had finished already and is left as it is
 
 
 def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
@@ -65,8 +68,9 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
     trial = _start(config, record, clock)
     ended = False
     try:
-        if trial.final is not None:  # an earlier attempt evaluated and logged it; only the run's end was lost
-            trial.logger.end_run(trial.run_id, "FINISHED")
+        if trial.final is not None:  # an earlier attempt evaluated and logged it
+            if trial.reopened:  # only the run's end was lost
+                trial.logger.end_run(trial.run_id, "FINISHED")
             ended = True
             tune.report(trial.final)
             return
@@ -108,6 +112,11 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
     params["sweep.point"] = describe(point)
     with clock("run_start"):  # the trial's MLflow run: tracking cost too
         logger = RunLogger(record.tracking_uri, record.experiment)
+        found = logger.find_run(record.sweep_id, trial_id)
+        if found is not None and found.info.status == "FINISHED" and time_key("trial") in found.data.metrics:
+            # It finished before its driver died, before Tune's saved state could say so: kept, not reopened.
+            return _Trial(record, train_config, trial_id, logger, found.info.run_id, clock,
+                          final=dict(found.data.metrics), reopened=False)
         run_id = logger.start_trial(record.sweep_id, trial_id, params, parent_run_id=record.parent_run_id,
                                     run_name=f"{trial_id} {describe(point)} seed={seed}")
         logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
@@ -141,6 +150,7 @@ def _train(trial: _Trial):
             profile = clock.metrics(time.perf_counter() - started, 0.0) | _peak_memory(end.trainer.device)
             profile[time_key("train")] = time.perf_counter() - started
             tune.report({**end.metrics, **profile}, checkpoint=tune.Checkpoint.from_directory(ckpt_dir))
+        _prune_checkpoints(trial.record, trial.trial_id)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,6 +158,18 @@ def _train(trial: _Trial):
         resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE if resume is not None else None
         result = fit(cfg, callbacks=[report], data=data, resume_from=resume_path)
     return result, time.perf_counter() - started
+
+
+def _prune_checkpoints(record: SweepRecord, trial_id: str, keep: int = 2, min_age_s: float = 60.0) -> None:
+    """Delete this trial's older checkpoints, keeping the newest ``keep`` and every one younger than
+    ``min_age_s``: the experiment state on storage (a second or two behind) always names one of those, so a
+    resume after a kill at any moment finds its checkpoint. Local storage only (a URI is left to its owner)."""
+    now = time.time()
+    for folder in record.folder.glob(f"*_{trial_id}_*"):
+        for old in sorted(folder.glob("checkpoint_*"))[:-keep]:
+            with contextlib.suppress(OSError):
+                if now - old.stat().st_mtime > min_age_s:
+                    shutil.rmtree(old)
 
 
 def _finish(trial: _Trial, result, train_s: float) -> dict[str, float]:

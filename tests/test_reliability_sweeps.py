@@ -6,6 +6,7 @@ spec starts nothing at all."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -230,3 +231,36 @@ def _free_port() -> int:
     from tracking.connection import free_port
 
     return free_port()
+
+
+def test_a_server_gone_for_good_ends_the_sweep_once_the_bound_is_spent_not_twice(own_server, tmp_path):
+    """The trials wait out GCE_TRACKING_MAX_OUTAGE_S and fail naming the server; the driver then does not wait
+    the bound a second time before it stops with one line."""
+    root, info = own_server
+    bound = 20
+    base = {**TINY, "epochs": 30, "max_batches": 8}
+    (tmp_path / "gone.yaml").write_text(yaml.safe_dump({"name": "gone", "experiment": "test-gone", "base": base,
+                                                        "evaluation": EVAL, "max_concurrent_trials": 1}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": info.url, "GCE_RAY_RESULTS": str(tmp_path / "results"),
+           "RAY_AUTH_MODE": "disabled", "GCE_TRACKING_MAX_OUTAGE_S": str(bound)}
+    driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", "gone.yaml"], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    client = MlflowClient(info.url)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # once the trial has logged an epoch
+            exp = client.get_experiment_by_name("test-gone")
+            if exp and client.search_runs([exp.experiment_id], "metrics.`train/loss` > -1"):
+                break
+            time.sleep(0.2)
+        crash_server(info.pid)
+        down = time.monotonic()
+        output, _ = driver.communicate(timeout=6 * bound + 120)
+        after = time.monotonic() - down
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode != 0 and info.url in output and "Traceback" not in output, output[-3000:]
+    print(f"\nFIGURES server gone for good: the sweep stopped {after:.0f} s after the crash (bound {bound} s)")
+    assert bound <= after < 2 * bound, f"stopped {after:.0f} s after the crash, bound {bound} s"
