@@ -1,7 +1,8 @@
-"""A fault campaign: kill the sweep driver, a trial's worker or the embedded MLflow server at uniformly random
-moments, resume as a user would, and check the exactly-once invariants after every sweep.
+"""A fault campaign: kill the sweep driver, a trial's worker, the embedded MLflow server, or the server and
+then the driver (an outage cut short), at uniformly random moments, resume as a user would, and check the
+exactly-once invariants after every sweep.
 
-    python -m benchmarks.faults --kills 30 [--seed S] [--targets driver,worker,server]
+    python -m benchmarks.faults --kills 30 [--seed S] [--targets driver,worker,server,outage]
 
 Each sweep is a fresh ``gce-sweep run`` of a small spec, as a process, on the embedded server (no
 MLFLOW_TRACKING_URI: what a new user gets). A kill lands at a moment drawn uniformly from [0, T) of the
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import yaml
 
-TARGETS = ("driver", "worker", "server")
+# "outage": the embedded server killed, then the driver a few seconds later, while trials still hold metrics
+# they could not send: what a restored trial's checkpoint ledger must deliver.
+TARGETS = ("driver", "worker", "server", "outage")
 EPOCHS = 3
 SPEC = {
     "name": "faults", "experiment": "gce-faults", "description": "fault campaign",
@@ -87,9 +90,9 @@ class Sandbox:
 
     def start(self, args: list[str], sweep: int, log: Path) -> subprocess.Popen:
         env = self.env | {"GCE_RAY_RESULTS": str(self.results(sweep))}
-        out = log.open("ab")
-        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root)
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root)
 
     def sweep_id(self, sweep: int) -> str | None:
         found = [p.name for p in self.results(sweep).glob("*") if (p / "gce_sweep.json").exists()]
@@ -145,6 +148,12 @@ def trial_workers(driver: int) -> list[int]:
 def kill(target: str, proc: subprocess.Popen, sandbox: Sandbox, rng: random.Random) -> bool:
     """Deliver one kill; False when there was nothing to kill (e.g. no trial running at that moment)."""
     if target == "driver":
+        proc.send_signal(signal.SIGKILL)
+        return True
+    if target == "outage":
+        if not kill("server", proc, sandbox, rng):
+            return False
+        time.sleep(rng.uniform(0.5, 4.0))
         proc.send_signal(signal.SIGKILL)
         return True
     if target == "worker":
@@ -255,7 +264,10 @@ def calibrate(sandbox: Sandbox) -> float:
     return seconds
 
 
-def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int = 2, say=print) -> Campaign:
+def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int = 2, say=print,
+             max_sweeps: int | None = None) -> Campaign:
+    """Sweeps with random kills until ``kills`` have landed (or ``max_sweeps``, default 3 × kills, ran)."""
+    max_sweeps = max_sweeps or 3 * kills
     rng = random.Random(seed)
     sandbox = Sandbox(root)
     result = Campaign(seed)
@@ -270,7 +282,7 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
     result.violations += problems
     say(f"calibration sweep: {lives[0]:.1f} s, invariants: {problems or 'ok'}")
     sweep = 0
-    while len([k for k in result.kills if k.phase != "missed"]) < kills:
+    while len([k for k in result.kills if k.phase != "missed"]) < kills and sweep < max_sweeps:
         sweep += 1
         logs, command = [], "run"
         for _ in range(rng.randint(1, per_sweep)):
@@ -278,8 +290,6 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
             log = root / f"sweep{sweep}-{len(logs)}-{command}.log"
             logs.append(log)
             args = ["run", str(sandbox.spec)] if command == "run" else ["resume", sandbox.sweep_id(sweep)]
-            if command == "resume" and args[1] is None:  # killed before its record existed: run it again
-                args = ["run", str(sandbox.spec)]
             started = time.monotonic()
             rc = run_command(sandbox, args, sweep, log, plan, rng)
             if plan.phase == "missed" and args[0] == "run":
@@ -292,7 +302,8 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
             command = "resume" if sandbox.sweep_id(sweep) else "run"
         # After a driver kill the user resumes, even if the sweep had printed its end: that resume must finish
         # the sweep without doing anything twice, and end what the dead driver's Ray left behind.
-        killed_driver = any(k.sweep == sweep and k.target == "driver" and k.phase != "missed" for k in result.kills)
+        killed_driver = any(k.sweep == sweep and k.target in ("driver", "outage") and k.phase != "missed"
+                            for k in result.kills)
         if killed_driver or not _finished(logs[-1]):
             log = root / f"sweep{sweep}-final-resume.log"
             logs.append(log)

@@ -18,7 +18,10 @@ from sweeps.record import SweepRecord
 from sweeps.search import describe, trial_assignment
 from sweeps.spec import SweepSpec
 
-__all__ = ["ProgressCallback", "RunClosingCallback"]
+__all__ = ["CURRENT_TRACKING_ENV", "ProgressCallback", "RunClosingCallback"]
+
+#: Set by the driver: the tracking server the sweep logs to now (a resumed sweep's may have moved).
+CURRENT_TRACKING_ENV = "GCE_SWEEP_TRACKING_URI"
 
 
 class RunClosingCallback(Callback):
@@ -31,8 +34,12 @@ class RunClosingCallback(Callback):
         if self._logger is None:
             from tracking.logger import RunLogger
 
-            self._logger = RunLogger(self.record.tracking_uri, self.record.experiment)
+            self._logger = RunLogger(self._uri, self.record.experiment)
         return self._logger
+
+    @property
+    def _uri(self) -> str:
+        return os.environ.get(CURRENT_TRACKING_ENV) or self.record.tracking_uri
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles its callbacks with the experiment state
         return {**self.__dict__, "_logger": None}
@@ -53,11 +60,11 @@ class RunClosingCallback(Callback):
         self._close(trial, "FINISHED", profile=True, stop_reason=reason)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
-        if "TrackingUnavailable" in _why(trial):  # the trial waited the whole outage bound already: do not again
+        if "TrackingUnavailable" in _error_text(trial):  # the trial waited out the outage bound: not again here
             from tracking.connection import MAX_OUTAGE_ENV
             from tracking.delivery import outage_spent
 
-            outage_spent(self.record.tracking_uri, float(os.environ.get(MAX_OUTAGE_ENV, "300")))
+            outage_spent(self._uri, float(os.environ[MAX_OUTAGE_ENV]))
         self._close(trial, "FAILED", error=f"trial {trial.trial_id} errored: {trial.error_file or 'see Ray logs'}")
 
 
@@ -116,14 +123,20 @@ class ProgressCallback(Callback):
                            f"{running}, failed {self.failed}, stopped early {self.stopped} | {what} | {best}")
 
 
-def _why(trial) -> str:
-    """The first error line of a trial's error file: what failed, without Ray's traceback."""
+def _error_text(trial) -> str:
     try:
-        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines()
-                 if line.strip() and not line.startswith("Failure #")]
+        return Path(trial.error_file).read_text()
     except (OSError, TypeError):
+        return ""
+
+
+def _why(trial) -> str:
+    """The error line of a trial's error file: what failed, without Ray's traceback."""
+    lines = [line.strip() for line in _error_text(trial).splitlines()
+             if line.strip() and not line.startswith("Failure #")]
+    if not lines:
         return "see Ray's logs"
     errors = [line for line in lines if "Error" in line or "Exception" in line]
     if errors and errors[-1].startswith("raise "):  # a source line of the traceback, not the error itself
         errors = [line for line in errors if not line.startswith("raise ")]
-    return (errors or lines or ["no error recorded"])[-1][:200]
+    return (errors or lines)[-1][:200]

@@ -178,7 +178,8 @@ def resume(
 @contextlib.contextmanager
 def _driver_errors(param_hint: str) -> Iterator[None]:
     """What stops a driver, as one line: a spec or sweep that cannot run (exit 2), the tracking server gone
-    (exit 1), an interrupt (exit 130; every run was closed as KILLED with how to resume)."""
+    (exit 1), an interrupt (exit 130; every run was closed as KILLED with how to resume), anything else (exit 1,
+    its traceback saved to a file)."""
     from sweeps.spec import SpecError
     from tracking.connection import TrackingUnavailable
 
@@ -193,6 +194,17 @@ def _driver_errors(param_hint: str) -> Iterator[None]:
         typer.echo("interrupted: the sweep's runs are closed as KILLED; `gce-sweep resume <sweep id>` continues it",
                    err=True)
         raise typer.Exit(130) from err
+    except Exception as err:  # not the user's doing: one line here, the traceback in a file for a bug report
+        import traceback
+
+        from sweeps.record import default_storage
+
+        where = default_storage().parent / "last_error.txt"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(traceback.format_exc())
+        typer.echo(f"error: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''} "
+                   f"(traceback in {where})", err=True)
+        raise typer.Exit(1) from err
 
 
 def _finish(console, result) -> None:

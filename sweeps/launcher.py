@@ -15,7 +15,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
+from sweeps.callbacks import CURRENT_TRACKING_ENV
 from sweeps.record import SweepRecord, SweepResult, default_storage
 from sweeps.runtime import check_address, init_ray, reap_dead_sessions
 from sweeps.spec import SpecError, SweepSpec
@@ -61,7 +63,7 @@ def resume_sweep(sweep: str, *, storage: str | Path | None = None, console=None)
     # The embedded server this sweep logged to is restarted on its own data (its port may have changed),
     # wherever resume is called from; MLFLOW_TRACKING_URI, when set, wins.
     tracking = resolve_tracking(saved=None if record.tracking_dir else record.tracking_uri, root=record.tracking_dir)
-    record = record.with_tracking(tracking.uri)
+    record = record.with_tracking(tracking.uri, tracking.embedded_root)
     found = RunLogger(record.tracking_uri, record.experiment).find_run(record.sweep_id)
     if record.parent_run_id and (found is None or found.info.run_id != record.parent_run_id):
         raise SpecError(f"sweep {record.sweep_id}: its parent run {record.parent_run_id} is not on "
@@ -100,10 +102,15 @@ def _open_parent(record: SweepRecord):
 
 
 def _restorable(folder: Path) -> bool:
-    """Whether Tune saved enough to restore: its tuner.pkl and at least one experiment state."""
-    from ray import tune
+    """Whether Tune saved enough to restore: a readable tuner.pkl (a kill can cut its writing short) and at
+    least one experiment state."""
+    from ray import cloudpickle
 
-    return tune.Tuner.can_restore(str(folder)) and any(folder.glob("experiment_state-*.json"))
+    try:
+        cloudpickle.loads((folder / "tuner.pkl").read_bytes())
+    except Exception:  # missing, truncated or unreadable: nothing Tune can restore from
+        return False
+    return any(folder.glob("experiment_state-*.json"))
 
 
 def _announce(console, record: SweepRecord, experiment_id: str) -> None:
@@ -119,9 +126,11 @@ def _announce(console, record: SweepRecord, experiment_id: str) -> None:
 
 def _execute(record: SweepRecord, *, restore: bool, console) -> SweepResult:
     """Ray up, the Tuner built (or restored), fitted, and the sweep's runs closed as its outcome says."""
-    _init_ray(record)
-    tuner = _tuner(record, restore, console)
+    # The driver's callbacks (restored from Tune's pickled state on resume) log to where the sweep is now.
+    os.environ[CURRENT_TRACKING_ENV] = record.tracking_uri
     try:
+        _init_ray(record)
+        tuner = _tuner(record, restore, console)
         with _embedded_server_kept_up(record):
             grid = tuner.fit()
     except BaseException as err:  # the driver itself failed or was interrupted: nothing stays RUNNING
@@ -145,7 +154,10 @@ def _embedded_server_kept_up(record: SweepRecord, every_s: float = 2.0) -> Itera
         return
     from tracking.server import revive_server
 
-    port = int(record.tracking_uri.rstrip("/").rsplit(":", 1)[1])
+    port = urlparse(record.tracking_uri).port
+    if port is None:
+        yield
+        return
     stop = threading.Event()
 
     def watch() -> None:
@@ -161,7 +173,7 @@ def _embedded_server_kept_up(record: SweepRecord, every_s: float = 2.0) -> Itera
         yield
     finally:
         stop.set()
-        thread.join(timeout=10)
+        thread.join()  # a server it is starting gets recorded before the driver goes
 
 
 def _init_ray(record: SweepRecord) -> None:

@@ -1,4 +1,4 @@
-"""The sweep record: who a sweep is, written once at launch and read by everything that acts on it.
+"""The sweep record: who a sweep is, written at launch (before anything else) and read by all that acts on it.
 
 One frozen record carries a sweep's identity — id, parent run, tracking server, experiment, Ray address,
 storage, the resolved spec — to the driver's steps, to every trial (through Ray's object store) and to
@@ -68,9 +68,10 @@ class SweepRecord:
         data["storage"] = str(folder.parent)
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
-    def with_tracking(self, uri: str) -> SweepRecord:
-        """The same sweep reached at another address (an embedded server restarted on another port)."""
-        return replace(self, tracking_uri=uri)
+    def with_tracking(self, uri: str, embedded_root: str | None) -> SweepRecord:
+        """The same sweep reached at another address: the embedded server restarted on another port, or the
+        server MLFLOW_TRACKING_URI names (then no embedded server is the driver's to keep up)."""
+        return replace(self, tracking_uri=uri, tracking_dir=embedded_root)
 
 
 @dataclass

@@ -70,12 +70,7 @@ def _note_session(folder: Path) -> None:
     except AttributeError:  # a Ray without the private node handle: nothing to note, nothing to reap
         return
     path = folder / SESSIONS_FILE
-    sessions = _sessions(path)
-    sessions.append({"pid": os.getpid(), "session_dir": session})
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sessions, indent=2))
-    tmp.replace(path)
+    _write_sessions(path, [*_sessions(path), {"pid": os.getpid(), "session_dir": session}])
 
 
 def reap_dead_sessions(folder: Path) -> int:
@@ -91,8 +86,15 @@ def reap_dead_sessions(folder: Path) -> int:
                 os.kill(pid, signal.SIGKILL)
                 ended += 1
     if dead:
-        path.write_text(json.dumps([s for s in sessions if s not in dead], indent=2))
+        _write_sessions(path, [s for s in sessions if s not in dead])
     return ended
+
+
+def _write_sessions(path: Path, sessions: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sessions, indent=2))
+    tmp.replace(path)  # atomic: a kill never leaves half a list
 
 
 def _sessions(path: Path) -> list[dict]:
@@ -108,6 +110,13 @@ def _holding(session_dir: str) -> list[int]:
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
-            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+            if any(_target(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
                 found.append(int(proc.name))
     return [pid for pid in found if pid != os.getpid()]
+
+
+def _target(fd: Path) -> str:
+    try:
+        return os.readlink(fd)
+    except OSError:  # closed while we looked
+        return ""

@@ -9,6 +9,7 @@ and its epoch count from the last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["train_trial"]
 
 CHECKPOINT_FILE = "trial.pt"
+LEDGER_FILE = "epochs.json"  # the metrics of every epoch the checkpoint covers
 
 
 @lru_cache(maxsize=2)
@@ -139,12 +141,16 @@ def _train(trial: _Trial):
     if resolve_device(cfg.device).type == "cuda":  # a CPU trial must not create a CUDA context
         torch.cuda.reset_peak_memory_stats()
 
+    epochs: dict[int, dict[str, float]] = {}  # every epoch's metrics so far: the ledger each checkpoint carries
+
     def report(end) -> None:
+        epochs[end.epoch] = end.metrics
         if end.epoch > trial.logged_epochs:  # a replayed epoch (restored from an older checkpoint) is not logged
             with clock("log"):
                 logger.log_metrics(trial.run_id, end.metrics, step=end.epoch)
         with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
             end.trainer.save_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE)
+            (Path(ckpt_dir) / LEDGER_FILE).write_text(json.dumps(epochs))
             # The profile so far rides along to Tune (not to MLflow): a trial the scheduler stops ends inside this
             # call, and the driver's callback then logs the profile from the trial's last result.
             profile = clock.metrics(time.perf_counter() - started, 0.0) | _peak_memory(end.trainer.device)
@@ -156,8 +162,22 @@ def _train(trial: _Trial):
     with tempfile.TemporaryDirectory() as tmp:
         resume = tune.get_checkpoint()
         resume_path = Path(resume.to_directory(tmp)) / CHECKPOINT_FILE if resume is not None else None
+        if resume_path is not None:
+            _restored(trial, epochs, resume_path.parent / LEDGER_FILE)
         result = fit(cfg, callbacks=[report], data=data, resume_from=resume_path)
     return result, time.perf_counter() - started
+
+
+def _restored(trial: _Trial, epochs: dict[int, dict[str, float]], ledger: Path) -> None:
+    """A trial restored from a checkpoint: the epochs its checkpoint covers whose metrics never reached the
+    server (still queued when the earlier attempt was killed, e.g. during an outage) are logged now, once; the
+    run records where the trial continued from."""
+    if ledger.exists():
+        epochs.update({int(e): m for e, m in json.loads(ledger.read_text()).items()})
+    for epoch in sorted(e for e in epochs if e > trial.logged_epochs):
+        trial.logger.log_metrics(trial.run_id, epochs[epoch], step=epoch)
+    trial.logged_epochs = max([trial.logged_epochs, *epochs])
+    trial.logger.set_tags(trial.run_id, {"gce.restored_from_epoch": max(epochs, default=0)})
 
 
 def _prune_checkpoints(record: SweepRecord, trial_id: str, keep: int = 2, min_age_s: float = 60.0) -> None:

@@ -99,11 +99,9 @@ def _culprit(message: str, point: dict[str, Any]) -> str:
 
 def _check_evaluation(spec: SweepSpec) -> list[str]:
     problems, labels, all_eps = [], [], set()
-    for i, attack in enumerate(spec.evaluation.attacks):
-        try:
-            configs = attack.configs()
-        except (ValueError, TypeError) as err:
-            problems.append(f"evaluation.attacks.{i} ({attack.name}): {_strip(err)}")
+    for i, attack, configs in _attack_configs(spec):
+        if isinstance(configs, Exception):
+            problems.append(f"evaluation.attacks.{i} ({attack.name}): {_strip(configs)}")
             continue
         labels.append(configs[0].label())
         all_eps |= {c.eps for c in configs}
@@ -117,23 +115,23 @@ def _check_evaluation(spec: SweepSpec) -> list[str]:
     return problems
 
 
-def _valid_configs(spec: SweepSpec) -> list:
-    """Every attack config (one per ε) of the evaluation, leaving out entries _check_evaluation reports."""
-    out = []
-    for attack in spec.evaluation.attacks:
+def _attack_configs(spec: SweepSpec):
+    """(index, entry, its AttackConfigs — one per ε — or the error that refuses them) for each attack entry."""
+    for i, attack in enumerate(spec.evaluation.attacks):
         try:
-            out += attack.configs()
-        except (ValueError, TypeError):
-            continue
-    return out
+            yield i, attack, attack.configs()
+        except (ValueError, TypeError) as err:
+            yield i, attack, err
 
 
 def expected_metrics(spec: SweepSpec) -> metrics.MetricSet:
     """The metric keys a trial of this spec reports (what objectives and queries can name): the schema's
     prediction for the spec's evaluation (``gce.metrics.expected``)."""
     ev = spec.evaluation
-    return metrics.expected(_valid_configs(spec), test=ev.test, standalone=ev.standalone, checks=ev.checks,
-                            cuda=spec.resources.gpu > 0)
+    cuda = spec.resources.gpu > 0 and spec.trial_config({}, spec.seeds[0]).device != "cpu"
+    attacks = [c for _, _, configs in _attack_configs(spec) if not isinstance(configs, Exception) for c in configs]
+    return metrics.expected(attacks, test=ev.test, standalone=ev.standalone, checks=ev.checks,
+                            cuda=cuda)
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> list[str]:

@@ -104,6 +104,7 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
             assert set(steps.values()) == {1} and "gce.resumes" not in run.data.tags
         if trial in interrupted:  # continued from its checkpoint, its replayed epochs not logged again
             assert run.data.tags.get("gce.resumes") == "1"
+            assert int(run.data.tags["gce.restored_from_epoch"]) >= 1  # from its checkpoint, not from scratch
     exp = client.get_experiment_by_name("test-resume")
     parents = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND "
                                                       f"tags.`{ROLE_TAG}` = 'sweep'")
@@ -133,7 +134,7 @@ def test_kill_before_tune_saved_anything_then_resume(mlflow_server, tmp_path):
         ray_pids = descendants(driver.pid)
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-        kill_all(ray_pids + descendants(driver.pid))
+        kill_all(ray_pids)
         assert not (record.parent / "tuner.pkl").exists() or not list(record.parent.glob("experiment_state-*"))
         sweep_id = record.parent.name
         resume = subprocess.run([sys.executable, "-m", "sweeps.cli", "resume", sweep_id], env=env,

@@ -122,11 +122,8 @@ class RunLogger:
     def discard_trials(self, sweep_id: str) -> list[str]:
         """Delete (MLflow's soft delete) the sweep's trial runs: those of an attempt whose trials Tune never
         recorded, which a fresh start would otherwise leave beside its own. Returns the run ids."""
-        where = f"tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}' AND tags.`{ROLE_TAG}` = 'trial'"
-        runs = [r.info.run_id for r in self._search_all(where)]
+        runs = self._kill_trials(sweep_id, "", "discarded: its sweep restarted before Tune recorded it")
         for run_id in runs:
-            self.set_tags(run_id, {"gce.closed_as": "discarded: its sweep restarted before Tune recorded it"})
-            self.delivery.call(self.client.set_terminated, run_id, "KILLED")
             self.delivery.call(self.client.delete_run, run_id)
         return runs
 
@@ -138,16 +135,18 @@ class RunLogger:
     def close_orphans(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
         """End as KILLED the sweep's trial runs still RUNNING (their driver died), except ``keep``; a resumed
         trial then reopens its own run with ``start_trial``. Returns the closed run ids."""
+        return self._kill_trials(sweep_id, " AND attributes.status = 'RUNNING'",
+                                 "orphaned: its driver stopped without ending it", keep)
+
+    def _kill_trials(self, sweep_id: str, condition: str, why: str, keep: Iterable[str] = ()) -> list[str]:
+        """End the sweep's trial runs matching ``condition`` as KILLED, saying ``why``; their ids."""
         keep = set(keep)
-        where = (f"tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}' AND tags.`{ROLE_TAG}` = 'trial' "
-                 "AND attributes.status = 'RUNNING'")
-        closed = []
-        for run in self._search_all(where):
-            if run.info.run_id not in keep:
-                self.set_tags(run.info.run_id, {"gce.closed_as": "orphaned: its driver stopped without ending it"})
-                self.delivery.call(self.client.set_terminated, run.info.run_id, "KILLED")
-                closed.append(run.info.run_id)
-        return closed
+        where = f"tags.`{SWEEP_TAG}` = '{_quoted(sweep_id)}' AND tags.`{ROLE_TAG}` = 'trial'{condition}"
+        runs = [r.info.run_id for r in self._search_all(where) if r.info.run_id not in keep]
+        for run_id in runs:
+            self.set_tags(run_id, {"gce.closed_as": why})
+            self.delivery.call(self.client.set_terminated, run_id, "KILLED")
+        return runs
 
     # --- data ---------------------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:

@@ -124,9 +124,11 @@ def revive_server(root: Path | str, port: int) -> ServerInfo | None:
             pid = int(json.loads((root / STATE_FILE).read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):
             pid = None
-        if pid is not None and pid_alive(pid):
+        # Alive, or something (a surviving worker of the dead one) still holds the port: nothing to start; never
+        # a second server elsewhere on the same store.
+        if (pid is not None and pid_alive(pid)) or not port_is_free("127.0.0.1", port):
             return None
-        return _start(root, port, "127.0.0.1", timeout=120.0)
+        return _start(root, port, "127.0.0.1", timeout=120.0, exact=True)
 
 
 def stop_server(root: Path | str | None = None, timeout: float = 20.0) -> bool:
@@ -158,12 +160,13 @@ def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None,
     raise TrackingUnavailable(f"mlflow server at {url} did not answer /health within {timeout:.0f} s{_tail(log)}")
 
 
-def _start(root: Path, port: int, host: str, timeout: float) -> ServerInfo:
+def _start(root: Path, port: int, host: str, timeout: float, exact: bool = False) -> ServerInfo:
+    """Start the server on ``port`` (another free one when it is taken, unless ``exact``) and record it."""
     artifacts = root / "artifacts"
     artifacts.mkdir(exist_ok=True)
     log = root / "server.log"
-    for attempt in range(3):  # a free port can be taken between our check and the server's bind
-        chosen = port if attempt == 0 and port_is_free(host, port) else free_port(host)
+    for attempt in range(1 if exact else 3):  # a free port can be taken between our check and the server's bind
+        chosen = port if exact or (attempt == 0 and port_is_free(host, port)) else free_port(host)
         argv = server_command(f"sqlite:///{root / 'mlflow.db'}", str(artifacts), host, chosen,
                               executable=mlflow_executable())
         with log.open("ab") as out:
@@ -175,7 +178,7 @@ def _start(root: Path, port: int, host: str, timeout: float) -> ServerInfo:
         except TrackingUnavailable:
             if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGKILL)
-            if port_is_free(host, chosen) or attempt == 2:
+            if exact or port_is_free(host, chosen) or attempt == 2:
                 raise
             continue
         info = ServerInfo(url=url, pid=proc.pid, port=chosen, root=str(root))

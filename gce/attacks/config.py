@@ -78,7 +78,7 @@ class AttackConfig:
         build_attack(self, train_loss=cross_entropy)  # a stand-in for loss "train": the real one comes at build time
 
     def label(self) -> str:
-        """Short stable key for metric names: ``val/robust_acc/<label>/eps=<eps>``.
+        """Short stable key for metric names: ``val/robust_acc/<label>/eps_<eps>`` (``gce.metrics``).
 
         The name, then what differs from the attack's defaults: the norm, the loss (with α when it is not
         1/3), "targeted". E.g. "pgd", "pgd-l2", "pgd-gce", "pgd-gce0.5", "apgd-dlr", "cw_l2". Budgets
