@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
             runs = trial_runs(client, sweep_id)
             finished = [r for r in runs if r.info.status == "FINISHED"]
             running = [r for r in runs if r.info.status == "RUNNING"]
-            if finished and running and len(client.get_metric_history(running[0].info.run_id, "train/loss")) >= 2:
+            if finished and running and len(client.get_metric_history(running[0].info.run_id, "train/loss")) >= 2 \
+                    and _state_names_a_checkpoint(results / sweep_id, running[0].data.tags["gce.trial_id"]):
                 break
         else:
             pytest.fail("the sweep never reached the point to kill it")
@@ -151,3 +153,17 @@ def test_kill_before_tune_saved_anything_then_resume(mlflow_server, tmp_path):
                               f"tags.`{SWEEP_TAG}` = '{sweep_id}'")
     assert Counter(r.data.tags[ROLE_TAG] for r in runs) == {"sweep": 1, "trial": 3}
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _state_names_a_checkpoint(folder, trial_id: str) -> bool:
+    """Whether Tune's saved experiment state already names a checkpoint of the trial (then a resume must
+    continue from it, not from scratch). Tune keeps each trial's checkpoint list cloudpickled, in hex."""
+    for path in folder.glob("experiment_state-*.json"):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            for trial, meta in json.loads(path.read_text())["trial_data"]:
+                if trial_id in str(trial):
+                    manager = str(json.loads(meta)["checkpoint_manager"] if isinstance(meta, str) else meta)
+                    packed = re.search(r"'value': '([0-9a-f]+)'", manager)
+                    if packed and re.search(rb"checkpoint_\d+", bytes.fromhex(packed.group(1))):
+                        return True
+    return False
