@@ -22,7 +22,7 @@ from tracking.logger import ROLE_TAG, SWEEP_TAG
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 6
+EPOCHS = 20  # long enough a trial that Tune saves a checkpoint of it while it still trains
 SPEC = {
     "name": "resume", "experiment": "test-resume",
     "base": {"data": {"dataset": "mnist5k", "limit": 1024}, "model": {"name": "mlp", "kwargs": {"hidden": 32}},
@@ -54,7 +54,7 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
         deadline = time.time() + 300
         sweep_id = None
         while time.time() < deadline:  # kill once one trial has finished and the next is mid-training
-            time.sleep(0.5)
+            time.sleep(0.2)
             if sweep_id is None:
                 found = [p.name for p in results.glob("resume-*")] if results.exists() else []
                 sweep_id = found[0] if found else None
