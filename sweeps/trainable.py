@@ -121,8 +121,9 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
                           final=dict(found.data.metrics), reopened=False)
         run_id = logger.start_trial(record.sweep_id, trial_id, params, parent_run_id=record.parent_run_id,
                                     run_name=f"{trial_id} {describe(point)} seed={seed}")
-        logger.clear_error(run_id)  # a retried trial (max_failures) must not keep its last attempt's error
-        stored = logger.stored_metrics(run_id)
+        run = logger.run(run_id)  # one request: what an earlier attempt stored, and its error tag
+        logger.clear_error(run_id, run)  # a retried trial (max_failures) must not keep its last attempt's error
+        stored = dict(run.data.metrics)
     # Exactly once: an earlier attempt's epochs are in the run already. Its metrics went out in order, one
     # log_batch an epoch, so they are the epochs 1..latest "epoch"; the replay of those skips logging.
     final = stored if time_key("trial") in stored else None

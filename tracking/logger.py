@@ -115,10 +115,6 @@ class RunLogger:
         """The run as the server holds it (its latest metric values, tags, status)."""
         return self.delivery.call(self.client.get_run, run_id)
 
-    def stored_metrics(self, run_id: str) -> dict[str, float]:
-        """The latest value of every metric the server holds for the run (what an earlier attempt stored)."""
-        return dict(self.run(run_id).data.metrics)
-
     def discard_trials(self, sweep_id: str) -> list[str]:
         """Delete (MLflow's soft delete) the sweep's trial runs: those of an attempt whose trials Tune never
         recorded, which a fresh start would otherwise leave beside its own. Returns the run ids."""
@@ -127,9 +123,10 @@ class RunLogger:
             self.delivery.call(self.client.delete_run, run_id)
         return runs
 
-    def clear_error(self, run_id: str) -> None:
-        """Drop the ``error`` tag of an earlier, failed attempt of a run that is being retried."""
-        if "error" in self.delivery.call(self.client.get_run, run_id).data.tags:
+    def clear_error(self, run_id: str, run=None) -> None:
+        """Drop the ``error`` tag of an earlier, failed attempt of a run that is being retried (``run``: the run
+        as already fetched, to spare a request)."""
+        if "error" in (run or self.run(run_id)).data.tags:
             self.delivery.call(self.client.delete_tag, run_id, "error")
 
     def close_orphans(self, sweep_id: str, keep: Iterable[str] = ()) -> list[str]:
