@@ -44,6 +44,7 @@ PEAK_RSS, CUDA_PEAK = "mem/peak_rss_mb", "mem/cuda_peak_mb"
 EVAL_CLEAN = "val/eval_clean_acc"
 SWEEP_TRIALS, SWEEP_ERRORS, SWEEP_BEST = "sweep/trials", "sweep/errors", "sweep/best"
 CHECK_PREFIX = "check/"
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics: sampled on the run by the tracking side, never sent to Tune
 _ROBUST = re.compile(r"^(val|test)/(robust_acc|robust_acc_chain)/([^/]+)/eps_([^/]+)$")
 
 
@@ -137,7 +138,7 @@ class MetricSet:
 
 
 def expected(attacks: Iterable, *, test: bool = True, standalone: bool = True, checks: bool = True,
-             cuda: bool = False) -> MetricSet:
+             cuda: bool = False, system: bool = False) -> MetricSet:
     """What a finished trial reports, per epoch and at the end, for an evaluation with ``attacks``
     (``gce.attacks.AttackConfig`` objects, one per ε) on val (and test). The norm of each attack comes from
     ``norm_of`` in ``gce.evaluate``, imported here lazily so that this module needs no torch when given none."""
@@ -161,4 +162,4 @@ def expected(attacks: Iterable, *, test: bool = True, standalone: bool = True, c
             keys.add(worst_case_key(split, norms[id(cfg)], cfg.eps))
     # Diagnostics run when the headline threat model is L∞ (the primary norm is L∞ whenever an attack uses it).
     families = (CHECK_PREFIX,) if checks and "linf" in norms.values() else ()
-    return MetricSet(frozenset(keys), families)
+    return MetricSet(frozenset(keys), families + ((SYSTEM_PREFIX,) if system else ()))

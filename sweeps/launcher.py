@@ -97,8 +97,30 @@ def _open_parent(record: SweepRecord):
         logger.log_params(parent, {"sweep.trials": spec.trial_count(), "sweep.search": spec.search.algorithm,
                                    "sweep.scheduler": spec.scheduler.name, "sweep.seeds": spec.seeds})
         record = replace(record, parent_run_id=parent)
+        _describe(record, logger)
         record.save()
     return record, logger
+
+
+def _describe(record: SweepRecord, logger) -> None:
+    """The parent run's description and the sweep's view in the UI (tracking.views): its trials, with the
+    factors and the objective as columns."""
+    from tracking.queries import held_out_metric
+    from tracking.views import dimension_text, encode, sweep_description, sweep_view, view_tag
+
+    spec = record.sweep_spec
+    flat = spec.trial_config({}, spec.seeds[0]).to_flat()
+    factors = [k if k in flat else f"train.{k}" if f"train.{k}" in flat else k for k in spec.space]
+    objectives = [(o.metric, o.mode) for o in spec.objectives]
+    metrics = [m for m, _ in objectives] + [held_out_metric(m) for m, _ in objectives] + ["val/clean_acc"]
+    view = sweep_view(record.sweep_id, [*factors, "train.seed"], [m for m in metrics if m],
+                      objectives[0][0], objectives[0][1] == "min")
+    logger.share_view(view_tag(record.sweep_id), encode(view))
+    logger.set_description(record.parent_run_id, sweep_description(
+        name=spec.name, description=spec.description, sweep_id=record.sweep_id, experiment=record.experiment,
+        parent_run_id=record.parent_run_id, trials=spec.trial_count(), search=spec.search.algorithm,
+        scheduler=spec.scheduler.name, seeds=spec.seeds, objectives=objectives,
+        space={k: dimension_text(d.kind, d.values, d.when) for k, d in spec.space.items()}))
 
 
 def _restorable(folder: Path) -> bool:
@@ -116,12 +138,13 @@ def _restorable(folder: Path) -> bool:
 def _announce(console, record: SweepRecord, experiment_id: str) -> None:
     if console is None:
         return
-    uri, spec = record.tracking_uri, record.sweep_spec
-    url = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{record.parent_run_id}" \
-        if uri.startswith("http") else uri
+    from tracking.views import sweep_url
+
+    spec = record.sweep_spec
     console.print(f"sweep {record.sweep_id}: {spec.trial_count()} trial(s), search {spec.search.algorithm}, "
                   f"scheduler {spec.scheduler.name}")
-    console.print(f"MLflow UI: {url}\nparent run: {record.parent_run_id}")
+    console.print(f"MLflow UI: {sweep_url(record.tracking_uri, experiment_id, record.sweep_id)}", soft_wrap=True)
+    console.print(f"parent run: {record.parent_run_id}")
 
 
 def _execute(record: SweepRecord, *, restore: bool, console) -> SweepResult:

@@ -98,6 +98,14 @@ class Resources(_Strict):
         return self
 
 
+class SystemMetricsSpec(_Strict):
+    """MLflow's system metrics on every trial run (CPU, memory, disk, network; GPU utilisation and memory on
+    NVIDIA GPUs): whether packing trials on a device pays off can then be read from the runs themselves."""
+
+    enabled: bool = True
+    interval_s: Annotated[float, Field(gt=0)] = 10.0  # seconds between samples (each sample is one request)
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     experiment: str
@@ -110,6 +118,7 @@ class SweepSpec(_Strict):
     search: SearchSpec = Field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     resources: Resources = Field(default_factory=Resources)
+    system_metrics: SystemMetricsSpec = Field(default_factory=SystemMetricsSpec)
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 0
     address: str | None = None  # Ray address; None = $RAY_ADDRESS or a local Ray

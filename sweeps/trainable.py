@@ -60,6 +60,13 @@ class _Trial:
     logged_epochs: int = 0  # epochs whose metrics an earlier attempt of this trial already stored
     final: dict[str, float] | None = None  # the final metrics, when an earlier attempt stored them
     reopened: bool = True  # False: the run had finished already and is left as it is
+    monitor: Any = None  # MLflow's system-metrics sampler while the trial trains and evaluates
+
+    def stop_monitor(self) -> None:
+        if self.monitor is not None:
+            monitor, self.monitor = self.monitor, None
+            with contextlib.suppress(Exception):  # system metrics are a view, never a reason to fail a trial
+                monitor.finish()
 
 
 def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
@@ -70,6 +77,8 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
     trial = _start(config, record, clock)
     ended = False
     try:
+        if trial.final is None and record.sweep_spec.system_metrics.enabled:
+            trial.monitor = trial.logger.monitor_system(trial.run_id, record.sweep_spec.system_metrics.interval_s)
         if trial.final is not None:  # an earlier attempt evaluated and logged it
             if trial.reopened:  # only the run's end was lost
                 trial.logger.end_run(trial.run_id, "FINISHED")
@@ -92,11 +101,14 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
         raise
     except BaseException as err:
         if not ended:
+            trial.stop_monitor()
             try:
                 trial.logger.log_text(trial.run_id, traceback.format_exc(), "error/traceback.txt")
             finally:
                 trial.logger.end_run(trial.run_id, "FAILED", error=err)
         raise
+    finally:
+        trial.stop_monitor()
 
 
 def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial:
@@ -120,7 +132,9 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
             return _Trial(record, train_config, trial_id, logger, found.info.run_id, clock,
                           final=dict(found.data.metrics), reopened=False)
         run_id = logger.start_trial(record.sweep_id, trial_id, params, parent_run_id=record.parent_run_id,
-                                    run_name=f"{trial_id} {describe(point)} seed={seed}")
+                                    run_name=f"{trial_id} {describe(point)} seed={seed}",
+                                    description=f"Trial {trial_id} of sweep `{record.sweep_id}` ({spec.name}): "
+                                                f"{describe(point, seed)}.")
         run = logger.run(run_id)  # one request: what an earlier attempt stored, and its error tag
         logger.clear_error(run_id, run)  # a retried trial (max_failures) must not keep its last attempt's error
         stored = dict(run.data.metrics)
@@ -139,6 +153,9 @@ def _train(trial: _Trial):
     with clock("data"):
         d = cfg.data
         data = _dataset(d.dataset, d.root, d.download, d.val_size, cfg.seed, d.limit)
+    if trial.logged_epochs == 0:  # lineage once, with the run's first epoch (a restored trial logged it already)
+        with clock("run_start"):  # tracking cost outside fit's wall time
+            logger.log_datasets(trial.run_id, data)
     if resolve_device(cfg.device).type == "cuda":  # a CPU trial must not create a CUDA context
         torch.cuda.reset_peak_memory_stats()
 
@@ -200,6 +217,7 @@ def _finish(trial: _Trial, result, train_s: float) -> dict[str, float]:
     final[time_key("train")] = train_s  # "epoch" is logged per epoch already: not again at the last step
     final.update(trial.clock.metrics(train_s, final[time_key("artifacts")]))
     final.update(_peak_memory(trainer.device))
+    trial.stop_monitor()  # its last points go out before the run ends
     trial.logger.log_metrics(trial.run_id, final, step=trainer.epoch)
     trial.logger.end_run(trial.run_id, "FINISHED")
     return final

@@ -131,7 +131,7 @@ def expected_metrics(spec: SweepSpec) -> metrics.MetricSet:
     cuda = spec.resources.gpu > 0 and spec.trial_config({}, spec.seeds[0]).device != "cpu"
     attacks = [c for _, _, configs in _attack_configs(spec) if not isinstance(configs, Exception) for c in configs]
     return metrics.expected(attacks, test=ev.test, standalone=ev.standalone, checks=ev.checks,
-                            cuda=cuda)
+                            cuda=cuda, system=spec.system_metrics.enabled)
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> list[str]:

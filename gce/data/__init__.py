@@ -10,7 +10,7 @@ from gce.data._augment import AUGMENTATIONS, Augmentation, get_augmentation
 from gce.data._loader import DeviceLoader
 from gce.data._registry import DATASETS, DatasetSpec, load_dataset, resolve_root
 from gce.data._sources import DEBIAN_FASHION_DIR, read_idx, write_idx
-from gce.data._types import DataBundle, DatasetInfo, Split, seeded_generator, stratified_split
+from gce.data._types import DataBundle, DatasetInfo, Split, content_digest, seeded_generator, stratified_split
 
 __all__ = [
     "AUGMENTATIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "DatasetSpec",
     "DeviceLoader",
     "Split",
+    "content_digest",
     "get_augmentation",
     "load_dataset",
     "read_idx",

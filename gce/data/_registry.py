@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gce.data import _sources
-from gce.data._types import DataBundle, DatasetInfo, Split, seeded_generator, stratified_split
+from gce.data._types import DataBundle, DatasetInfo, Split, content_digest, seeded_generator, stratified_split
 from gce.validation import check_int
 
 __all__ = ["DATASETS", "DatasetSpec", "load_dataset", "resolve_root"]
@@ -89,4 +89,4 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
     rest, val = stratified_split(full.labels, k, seeded_generator(seed, VAL_STREAM))
     if limit is not None:
         rest = rest[:limit]  # rest is shuffled, so this is a random, near-stratified subset
-    return DataBundle(spec.info, full.select(rest), full.select(val), test)
+    return DataBundle(spec.info, full.select(rest), full.select(val), test, content_digest(full, test))

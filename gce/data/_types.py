@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["DataBundle", "DatasetInfo", "Split", "seeded_generator", "stratified_split"]
+__all__ = ["DataBundle", "DatasetInfo", "Split", "content_digest", "seeded_generator", "stratified_split"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    source: str = field(default="", compare=False)  # where the data came from: package, files or download
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -44,11 +46,11 @@ class Split:
         return len(self.labels)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.images.to(device), self.labels.to(device))
+        return Split(self.images.to(device), self.labels.to(device), self.source)
 
     def select(self, index: torch.Tensor | slice) -> Split:
         """The examples at `index` (a slice or an index tensor), in that order."""
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], self.source)
 
 
 @dataclass
@@ -59,6 +61,19 @@ class DataBundle:
     train: Split
     val: Split
     test: Split
+    digest: str = ""  # the whole dataset's content (train pool and test), whatever the seed's split
+
+
+def content_digest(*splits: Split) -> str:
+    """A short hash of the splits' images and labels: runs on different data never share it, whatever the files
+    or package they came from were called."""
+    h = hashlib.sha256()
+    for split in splits:
+        for tensor in (split.images, split.labels):
+            t = tensor.detach().cpu().contiguous()
+            h.update(str((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def seeded_generator(*entropy: int) -> torch.Generator:
