@@ -1,4 +1,4 @@
-"""``gce-sweep ui | server | best | compare | report``: the tracking server and queries on it.
+"""``gce-sweep ui | server | best | compare | report | ablate``: the tracking server and queries on it.
 
 Lives in sweeps/ because the CLI does, but imports only tracking/ (and that lazily, inside the commands), so
 ``gce-sweep --help`` stays fast and these commands never start Ray.
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
     app.command()(best)
     app.command()(compare)
     app.command()(report)
+    app.command()(ablate)
     app.add_typer(server_app, name="server")
 
 
@@ -97,12 +98,15 @@ def compare(experiment: Annotated[str, typer.Argument(help="Experiment (study) n
             ignore_param: Annotated[list[str] | None, typer.Option(help="Also average over this param.")] = None,
             fmt: FormatOption = "table", tracking_uri: UriOption = None) -> None:
     """One row per configuration (all params but the seed): mean ± std over seeds and n, best first."""
-    from tracking.queries import compare_runs
+    from tracking.queries import compare_runs, data_mismatch
     from tracking.tables import compare_records, render
 
     _check(metric, mode, fmt)
     with _errors():
         groups = compare_runs(_client(tracking_uri), experiment, metric, mode, filter_string, ignore_param or ())
+    warning = data_mismatch(groups)
+    if warning:
+        typer.echo(warning, err=True)
     _show(render(compare_records(groups, metric), fmt, f"{experiment}: {len(groups)} configurations by {metric}"))
 
 
@@ -123,6 +127,63 @@ def report(target: Annotated[str, typer.Argument(help="Experiment name, or a swe
         except ValueError as err:  # an experiment without finished trials
             raise typer.BadParameter(str(err), param_hint="TARGET") from err
     typer.echo(f"report: {paths[0]} and {paths[1]}" + (f" (also logged to run {parent})" if parent else ""))
+
+
+def ablate(target: Annotated[str, typer.Argument(help="Experiment name, a sweep id, or a sweep's parent run id.")],
+           metric: Annotated[str | None, typer.Option(help="Metric to explain (default: the sweep's objective); the "
+                                                      "headline worst case opens into its per-ε keys.")] = None,
+           split: Annotated[str, typer.Option(help="Split of the per-ε robust accuracies: test or val.")] = "test",
+           out: Annotated[Path | None, typer.Option(help="Folder for ablation.md and the plots (default "
+                                                    "reports/<sweep id or experiment>/ablation).")] = None,
+           fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+           tracking_uri: UriOption = None) -> None:
+    """Which factor moved the objective, by how much, with what uncertainty: main effects (mean, 95% CI, matched
+    effect sizes), the loss × ε interaction and an importance ranking. A sweep's plots go to its run."""
+    from tracking.ablation import ablation_json, make_ablation
+
+    if split not in ("test", "val"):
+        raise typer.BadParameter(f"split must be 'test' or 'val'; got {split!r}", param_hint="--split")
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
+    with _errors():
+        ablation, analysis, sections, paths = make_ablation(_client(tracking_uri), target, metric=metric,
+                                                            split=split, out=out)
+    where = f"ablation: {paths[0]}" + (f" (also logged to run {ablation.parent_run_id} under ablation/)"
+                                       if ablation.parent_run_id else "")
+    if fmt == "json":
+        import json
+
+        typer.echo(json.dumps(ablation_json(ablation, analysis), indent=2))
+        typer.echo(where, err=True)
+        return
+    _show_sections(ablation.title, sections)
+    typer.echo(where)
+
+
+def _show_sections(title: str, sections) -> None:
+    """Report sections for a terminal: the heading, the prose, the table as a rich table, the notes."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+    console.print(Text(title, style="bold"))
+    for section in sections:
+        console.print()
+        console.print(Text(section.heading, style="bold"))
+        for text in section.prose:
+            console.print(Text(text))
+        if section.table is not None:
+            table = Table()
+            for i, name in enumerate(section.table.header):
+                table.add_column(Text(name), justify="left" if i == 0 else "right")
+            for row in section.table.rows:
+                table.add_row(*(Text(cell) for cell in row))
+            console.print(table)
+        for text in [*section.notes, *section.items]:
+            console.print(Text(text))
 
 
 def _client(tracking_uri: str | None):

@@ -4,6 +4,7 @@ Everything is read back twice: through MlflowClient and through the server's RES
 downloaded through the server's proxy (what a remote Ray worker would use).
 """
 
+import json
 import uuid
 
 import numpy as np
@@ -122,3 +123,36 @@ def test_plots_reject_wrong_shapes_and_write_pngs(tmp_path):
     rgb = plots.adversarial_grid(np.random.rand(3, 3, 8, 8), np.random.rand(3, 3, 8, 8), [0, 1, 2])
     path = plots.save(rgb, tmp_path / "grid.png")
     assert path.read_bytes().startswith(PNG)
+
+
+def test_dataset_lineage_is_stored_once_per_split_and_compare_warns_on_other_data(mlflow_server):
+    from typer.testing import CliRunner
+
+    from gce.data import load_dataset
+    from sweeps.cli import app
+
+    name = f"lineage-{uuid.uuid4().hex[:6]}"
+    log = RunLogger(mlflow_server.url, name)
+    digits, mnist = load_dataset("digits", seed=0), load_dataset("mnist5k", seed=0)
+    runs = []
+    for i, data in enumerate([digits, digits, mnist]):
+        run = log.start_trial("s", f"t{i}", {"loss.name": "ce", "seed": i})
+        log.log_datasets(run, data)
+        log.log_datasets(run, data)  # a retried trial logs its lineage again: nothing is added
+        log.log_metrics(run, {"val/clean_acc": 0.5})
+        log.end_run(run)
+        runs.append(run)
+    stored = MlflowClient(mlflow_server.url).get_run(runs[0])
+    inputs = stored.inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["digits-test", "digits-train", "digits-validation"]
+    assert {json.loads(i.dataset.profile)["num_examples"] for i in inputs} == {len(digits.train), len(digits.val),
+                                                                               len(digits.test)}
+    assert stored.data.tags["gce.data_digest"] == digits.digest != mnist.digest
+    out = CliRunner().invoke(app, ["compare", name, "--metric", "val/clean_acc", "--tracking-uri",
+                                   mlflow_server.url])
+    assert out.exit_code == 0, out.output
+    assert f"trained on different data (gce.data_digest: {digits.digest} (2 runs), {mnist.digest} (1 run))" \
+        in out.output
+    same = CliRunner().invoke(app, ["compare", name, "--metric", "val/clean_acc", "--tracking-uri",
+                                    mlflow_server.url, "--filter", f"tags.`gce.data_digest` = '{digits.digest}'"])
+    assert same.exit_code == 0 and "different data" not in same.output

@@ -161,3 +161,84 @@ def _array(x) -> np.ndarray:
         if x.is_floating_point():
             x = x.float()
     return np.asarray(x)
+
+
+def main_effects(panels: Mapping[str, Sequence[tuple[str, float, float, float]]], ylabel: str = "objective",
+                 title: str = "Main effects (mean, 95% CI)") -> Figure:
+    """One panel per factor ({factor: [(level, mean, low, high)]}), levels in the given order, on one shared
+    y axis so that the factors' effects compare by eye. NaN bounds (one observation) draw the point alone."""
+    n = max(len(panels), 1)
+    fig = Figure(figsize=(min(2.2 + 2.4 * n, 16), 3.8), dpi=100)
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+    for ax, (factor, levels) in zip(axes, panels.items(), strict=False):
+        xs = np.arange(len(levels))
+        means = np.array([m for _, m, _, _ in levels], dtype=float)
+        low = np.array([m - lo if math.isfinite(lo) else 0.0 for _, m, lo, _ in levels])
+        high = np.array([hi - m if math.isfinite(hi) else 0.0 for _, m, _, hi in levels])
+        ax.errorbar(xs, means, yerr=[low, high], fmt="o-", capsize=4, color="C0")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([lv for lv, *_ in levels], rotation=30 if len(levels) > 3 else 0, ha="right"
+                           if len(levels) > 3 else "center", fontsize=8)
+        ax.set_title(factor, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def interaction_lines(lines: Mapping[str, Mapping[float, tuple[float, float, float]]], xlabel: str = "ε",
+                      ylabel: str = "objective", title: str = "Interaction") -> Figure:
+    """One line per level of the first factor ({level: {x: (mean, low, high)}}) with its 95% band: lines that
+    stay parallel mean no interaction, lines that converge or cross mean the gain depends on x."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    for i, (label, points) in enumerate(lines.items()):
+        xs = sorted(points)
+        mean, low, high = (np.array([points[x][j] for x in xs], dtype=float) for j in range(3))
+        ax.plot(xs, mean, marker="o", label=label, color=f"C{i % 10}")
+        ok = np.isfinite(low) & np.isfinite(high)
+        if ok.any():
+            ax.fill_between(np.array(xs)[ok], low[ok], high[ok], alpha=0.2, color=f"C{i % 10}", linewidth=0)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def parallel_coordinates(axes: Mapping[str, Sequence[str]], rows: Sequence[Sequence[str]], values: Sequence[float],
+                         label: str = "objective", title: str = "Factors → objective") -> Figure:
+    """One line per observation through its level on every factor axis ({factor: ordered levels}; ``rows``:
+    each observation's levels in that order) to its objective on the last axis, coloured by the objective."""
+    names = [*axes, label]
+    values = np.asarray(values, dtype=float)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    span = hi - lo or 1.0
+    fig = Figure(figsize=(min(3 + 1.8 * len(names), 16), 4.5), dpi=100)
+    ax = fig.add_subplot()
+    cmap = colormaps["viridis"]
+
+    def position(levels: Sequence[str], level: str) -> float:
+        return levels.index(level) / (len(levels) - 1) if len(levels) > 1 and level in levels else 0.5
+
+    order = np.argsort(values)  # the best drawn last, on top
+    for i in order:
+        ys = [position(levels, rows[i][j]) for j, levels in enumerate(axes.values())]
+        ys.append((values[i] - lo) / span)
+        ax.plot(range(len(names)), ys, color=cmap((values[i] - lo) / span), alpha=0.6, linewidth=1)
+    for j, levels in enumerate(axes.values()):
+        ax.axvline(j, color="black", linewidth=0.8)
+        for level in levels:
+            ax.text(j + 0.03, position(levels, level), level, fontsize=7, va="center")
+    ax.axvline(len(names) - 1, color="black", linewidth=0.8)
+    for frac in (0.0, 0.5, 1.0):
+        ax.text(len(names) - 1 + 0.03, frac, f"{lo + frac * span:.3g}", fontsize=7, va="center")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_yticks([])
+    ax.set_xlim(-0.1, len(names) - 0.6)
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

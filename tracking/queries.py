@@ -108,6 +108,24 @@ def compare_runs(client: MlflowClient, experiment: str, metric: str = DEFAULT_ME
     return sorted(groups.values(), key=rank)
 
 
+def data_mismatch(groups: Iterable[Group]) -> str | None:
+    """A warning when the compared runs were trained on different data (their ``gce.data_digest`` differs:
+    other files, another version of a package's data): their numbers are not comparable. None otherwise."""
+    from tracking.logger import DATA_DIGEST_TAG
+
+    runs: dict[str, int] = {}
+    for group in groups:
+        for run in group.runs:
+            digest = run.data.tags.get(DATA_DIGEST_TAG)
+            if digest:
+                runs[digest] = runs.get(digest, 0) + 1
+    if len(runs) < 2:
+        return None
+    counts = ", ".join(f"{d} ({n} run{'s' if n > 1 else ''})" for d, n in sorted(runs.items(), key=lambda t: -t[1]))
+    return (f"warning: these runs were trained on different data ({DATA_DIGEST_TAG}: {counts}); narrow the "
+            f"comparison with --filter \"tags.`{DATA_DIGEST_TAG}` = '<digest>'\"")
+
+
 def varying_params(param_sets: Iterable[dict[str, str]]) -> list[str]:
     """Parameter names whose value differs between the given runs or groups (the ones worth a column)."""
     param_sets = list(param_sets)
