@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import pytest
@@ -10,14 +11,18 @@ from typer.testing import CliRunner
 
 from sweeps.cli import app
 from tracking.logger import RunLogger
-from tracking.report import build_report, to_html, to_markdown
+from tracking.report import Section, build_report, to_html, to_markdown
 
-ROBUST = {  # (loss, seed) -> metrics
-    ("ce", 0): {"test/robust_acc/pgd/eps=0.1": 0.60, "test/robust_acc/worst_case/eps=0.1": 0.50,
-                "test/robust_acc/fgsm-train/eps=0.3": 0.05},
-    ("ce", 1): {"test/robust_acc/pgd/eps=0.1": 0.70, "test/robust_acc/worst_case/eps=0.1": 0.60},
-    ("gce", 0): {"test/robust_acc/pgd/eps=0.1": 0.80, "test/robust_acc/worst_case/eps=0.1": 0.75},
-    ("gce", 1): {"test/robust_acc/pgd/eps=0.1": 0.90, "test/robust_acc/worst_case/eps=0.1": 0.85},
+ROBUST = {  # (loss, α, seed) -> metrics; COT has one seed, so its cells carry their count
+    ("ce", None, 0): {"test/robust_acc/pgd/eps_0.1": 0.60, "test/robust_acc/worst_case/eps_0.1": 0.50,
+                      "test/robust_acc/pgd-train/eps_0.1": 0.60, "test/robust_acc/fgsm-train/eps_0.3": 0.05},
+    ("ce", None, 1): {"test/robust_acc/pgd/eps_0.1": 0.70, "test/robust_acc/worst_case/eps_0.1": 0.60,
+                      "test/robust_acc/pgd-train/eps_0.1": 0.70},
+    ("gce", 1 / 3, 0): {"test/robust_acc/pgd/eps_0.1": 0.80, "test/robust_acc/worst_case/eps_0.1": 0.75,
+                        "test/robust_acc/pgd-train/eps_0.1": 0.90},
+    ("gce", 1 / 3, 1): {"test/robust_acc/pgd/eps_0.1": 0.90, "test/robust_acc/worst_case/eps_0.1": 0.85,
+                        "test/robust_acc/pgd-train/eps_0.1": 0.95},
+    ("cot", None, 0): {"test/robust_acc/pgd/eps_0.1": 0.30, "test/robust_acc/worst_case/eps_0.1": 0.20},
 }
 
 
@@ -26,12 +31,13 @@ def study(mlflow_server):
     experiment = f"report-{uuid.uuid4().hex[:6]}"
     log = RunLogger(mlflow_server.url, experiment)
     parent = log.start_sweep("sw-report", spec_name="fixture", spec_hash="h")
-    for (loss, seed), metrics in ROBUST.items():
-        run = log.start_trial("sw-report", f"t-{loss}-{seed}", {"loss.name": loss, "train.seed": seed,
-                                                                "data.dataset": "mnist5k"}, parent_run_id=parent)
+    for (loss, alpha, seed), metrics in ROBUST.items():
+        run = log.start_trial("sw-report", f"t-{loss}-{seed}", {"loss.name": loss, "loss.alpha": alpha,
+                                                                "train.seed": seed, "data.dataset": "mnist5k"},
+                              parent_run_id=parent)
         log.log_metrics(run, {**metrics, "val/clean_acc": 0.9, "test/clean_acc": 0.95,
                               "val/latent/silhouette": 0.5, "val/robust_acc/worst_case": metrics[
-                                  "test/robust_acc/worst_case/eps=0.1"]})
+                                  "test/robust_acc/worst_case/eps_0.1"]})
         flag = "raised" if (loss, seed) == ("gce", 1) else "ok"
         log.set_tags(run, {"check/raised": "attack_loss_weaker_than_ce" if flag == "raised" else "none",
                            "check/attack_loss_weaker_than_ce": flag,
@@ -41,27 +47,89 @@ def study(mlflow_server):
     return mlflow_server.url, experiment, parent
 
 
-def test_report_tabulates_mean_std_n_and_diagnostics(study):
+@pytest.fixture(scope="module")
+def report(study):
     uri, experiment, _ = study
-    report = build_report(MlflowClient(uri), experiment)
-    assert sorted(report.labels) == ["loss.name=ce", "loss.name=gce"]
-    md = to_markdown(report)
-    gce_first = report.labels.index("loss.name=gce") == 0  # best worst-case mean first
-    assert gce_first
-    assert "| pgd | 0.1 | 85.00 ± 7.07 (2) | 65.00 ± 7.07 (2) |  |" in md
-    # The paper's number beside ours where the setting matches (MNIST, FGSM with the training loss, ε = 0.3).
-    assert "| fgsm-train | 0.3 | – | 5.00 (1) | XE 14.99 · GCE 47.21 |" in md
-    assert "pareto_front.png" in report.figures
-    assert "| worst_case | 0.1 | 80.00 ± 7.07 (2) | 55.00 ± 7.07 (2) |  |" in md
-    assert "| attack_loss_weaker_than_ce | **raised 1/2** | ok 2/2 |" in md
-    assert "fgsm-train 0.470 > fgsm 0.080" in md
-    # The paper's GCE − XE gap beside ours (difference of means ± standard error), per attack loss.
-    assert "GCE (α = 0.333) over CE" in md
-    assert "| PGD | 0.1 | +5.0 | – | +20.0 ± 7.1 |" in md  # paper 51.85 − 46.85; ours only with the CE attack
-    assert "| FGSM | 0.3 | +32.2 | – | – |" in md  # GCE has no fgsm-train number: no gap is invented
-    assert "| worst_case | 0.1 |  |  | +25.0 ± 7.1 |" in md
+    return build_report(MlflowClient(uri), experiment)
+
+
+def test_configurations_are_named_as_a_paper_names_them_baseline_first(report):
+    # compare_runs ranks GCE first (best validation worst case); the report reads CE, COT, GCE by α.
+    assert report.labels == ["CE", "COT", "GCE α=1/3"]
+    assert [g.params["loss.name"] for g in report.groups] == ["ce", "cot", "gce"]
+    assert "3 configurations (CE, COT, GCE α=1/3) × 1–2 seeds on MNIST-5k" in report.sections[0].prose[0]
+
+
+def test_the_answer_comes_first_and_the_full_table_last(report):
+    assert [s.heading for s in report.sections] == [
+        "Setup", "GCE − CE: robust accuracy gained (test)", "Clean accuracy and latent clusters",
+        "Gradient-masking diagnostics", "Robust accuracy, every attack (test)"]
+    answer = report.sections[1]
+    # One robustness chart per configuration (and one legend for them all), right with the answer.
+    assert list(answer.figures) == ["robustness_ce.png", "robustness_cot.png", "robustness_gce_alpha_1_3.png",
+                                    "robustness_legend.png"]
+    assert all(png.startswith(b"\x89PNG") for png in answer.figures.values())
+    assert "pareto_front.png" in report.sections[2].figures
+    assert "worst_case_curves.png" in report.sections[-1].figures
     html = to_html(report)
-    assert html.count("data:image/png;base64,") == len(report.figures) >= 1 and "<table>" in html
+    positions = [html.index(f"<h2>{s.heading}</h2>") for s in report.sections]
+    assert positions == sorted(positions)
+
+
+def test_gains_table_is_laid_out_like_the_papers_table_3(report):
+    md = to_markdown(report)
+    # GCE − CE, difference of the seed means ± its standard error, the paper's gap beside ours at each ε; the
+    # ε = 0.3 columns that no attack of ours fills (only CE ran fgsm-train there) are left out, the paper's kept.
+    assert ("| attack | ε = 0.1 standard | ε = 0.1 own loss | ε = 0.1 paper | ε = 0.3 paper |\n"
+            "|:---|---:|---:|---:|---:|") in md
+    assert "| PGD | +20.0 ± 7.1 | +27.5 ± 5.6 | +5.0 | +2.2 |" in md
+    assert "| FGSM |  |  | +9.3 | +32.2 |" in md  # no gap of ours is invented where GCE has no number
+    assert "| worst case | +25.0 ± 7.1 |  |  |  |" in md
+    assert "GCE α=1/3 − CE is +27.5 points (the paper: +5.0)" in md
+    assert "per-example worst case over every attack, +25.0 ± 7.1 at ε = 0.1" in md
+
+
+def test_full_table_gives_the_paper_its_own_columns(report):
+    md = to_markdown(report)
+    assert "| attack | ε | CE | COT | GCE α=1/3 | paper CE | paper COT | paper GCE |" in md
+    assert "| PGD | 0.1 | 65.0 ± 7.1 | 30.0 (1) | 85.0 ± 7.1 |  |  |  |" in md  # n shown only where it differs
+    assert "| PGD (own loss) | 0.1 | 65.0 ± 7.1 | – | 92.5 ± 3.5 | 46.85 |  | 51.85 |" in md
+    assert "| FGSM (own loss) | 0.3 | 5.0 (1) | – | – | 14.99 |  | 47.21 |" in md
+    assert "| worst case | 0.1 | 55.0 ± 7.1 | 20.0 (1) | 80.0 ± 7.1 |  |  |  |" in md
+    assert "·" not in md and "loss.name" not in md
+
+
+def test_diagnostics_by_configuration(report):
+    md = to_markdown(report)
+    assert "| attack_loss_weaker_than_ce | ok 2/2 | ok 1/1 | **raised 1/2** |" in md
+    assert "- GCE α=1/3, seed 1: `attack_loss_weaker_than_ce` — fgsm-train 0.470 > fgsm 0.080" in md
+
+
+def test_html_keeps_numbers_on_one_line_and_sets_the_paper_apart(report):
+    html = to_html(report)
+    assert html.count("data:image/png;base64,") == len(report.figures) >= 6
+    assert re.search(r"th,td\{[^}]*white-space:nowrap", html) and re.search(r"th,td\{[^}]*text-align:right", html)
+    assert '<th class="ref sep">paper CE</th><th class="ref">paper COT</th><th class="ref">paper GCE</th>' in html
+    assert '<th colspan="3" class="sep">ε = 0.1</th>' in html  # the gains table's ε header spans its columns
+    assert "<strong>raised 1/2</strong>" in html and "<code>attack_loss_weaker_than_ce</code>" in html
+    assert "**" not in html and "`" not in html
+
+
+def test_extra_sections_go_right_after_the_answer_with_their_figures(study, report):
+    uri, experiment, _ = study
+    seen = []
+
+    def ablation(partial):
+        seen.append(list(partial.labels))
+        return [Section("Ablation", ["α matters little."], figures={"ablation.png": b"\x89PNG fake"})]
+
+    extended = build_report(MlflowClient(uri), experiment, extra=ablation)
+    assert seen == [report.labels]  # the extension sees the configurations as the report names them
+    assert [s.heading for s in extended.sections][1:3] == [report.sections[1].heading, "Ablation"]
+    assert extended.figures["ablation.png"] == b"\x89PNG fake"
+    assert "## Ablation\n\nα matters little.\n\n![ablation.png](ablation.png)" in to_markdown(extended)
+    with pytest.raises(ValueError, match="pareto_front.png"):
+        build_report(MlflowClient(uri), experiment, extra=[Section("Clash", figures={"pareto_front.png": b""})])
 
 
 def test_report_command_on_a_parent_run_logs_the_report_to_it(study, tmp_path):
@@ -70,7 +138,8 @@ def test_report_command_on_a_parent_run_logs_the_report_to_it(study, tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert {"report/report.md", "report/report.html", "report/worst_case_curves.png"} <= logged
+    assert {"report/report.md", "report/report.html", "report/worst_case_curves.png",
+            "report/robustness_gce_alpha_1_3.png"} <= logged
 
 
 def test_report_on_an_unknown_experiment_is_a_clear_error(mlflow_server, tmp_path):
@@ -84,7 +153,11 @@ def test_a_section_that_varies_as_a_whole_gets_one_short_label():
     from tracking.report import _label
 
     adversarial = {"adversarial.name": "pgd", "adversarial.eps": "0.3", "adversarial.steps": "10",
-                   "adversarial.restarts": "1", "loss.name": "gce"}
-    varying = ["adversarial.eps", "adversarial.name", "adversarial.restarts", "adversarial.steps", "loss.name"]
-    assert _label(Group(adversarial), varying) == "adversarial=pgd eps=0.3 steps=10, loss.name=gce"
-    assert _label(Group({"loss.name": "ce"}), varying) == "adversarial=none, loss.name=ce"
+                   "adversarial.restarts": "1", "loss.name": "gce", "loss.alpha": "0.3333333333333333"}
+    varying = ["adversarial.eps", "adversarial.name", "adversarial.restarts", "adversarial.steps", "loss.alpha",
+               "loss.name"]
+    assert _label(Group(adversarial), varying) == "GCE α=1/3, adversarial=pgd ε=0.3 steps=10"
+    assert _label(Group({"loss.name": "ce"}), varying) == "CE, adversarial=none"
+    # Two keys of a section are not "the section as a whole": each is named.
+    assert _label(Group({"optim.lr": "0.001", "optim.name": "adam"}), ["optim.lr", "optim.name"]) \
+        == "lr=0.001, optimiser=Adam"

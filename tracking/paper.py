@@ -7,7 +7,7 @@ stated. "xe" is the paper's name for the cross-entropy baseline (our "ce").
 
 from __future__ import annotations
 
-__all__ = ["PAPER", "paper_numbers"]
+__all__ = ["LOSSES", "PAPER", "paper_losses", "paper_numbers"]
 
 # (dataset family, attack, eps) -> {loss: robust accuracy in %}
 PAPER: dict[tuple[str, str, float], dict[str, float]] = {
@@ -38,6 +38,7 @@ PAPER: dict[tuple[str, str, float], dict[str, float]] = {
 }
 
 _FAMILY = {"mnist": "mnist", "mnist5k": "mnist", "cifar10": "cifar10"}
+LOSSES = ("ce", "cot", "gce")  # the paper's column order (XE, COT, GCE)
 
 
 def paper_numbers(dataset: str, attack_label: str, eps: float) -> dict[str, float] | None:
@@ -48,3 +49,11 @@ def paper_numbers(dataset: str, attack_label: str, eps: float) -> dict[str, floa
     if family is None or loss != "train":
         return None
     return PAPER.get((family, name, round(eps, 6)))
+
+
+def paper_losses(dataset: str | None) -> list[str]:
+    """The losses the paper reports on ``dataset``'s family, in its column order: the "paper …" columns a
+    report gives that dataset (none for a dataset the paper did not use)."""
+    family = _FAMILY.get(dataset or "")
+    reported = {loss for (fam, _, _), numbers in PAPER.items() if fam == family for loss in numbers}
+    return [loss for loss in LOSSES if loss in reported]
