@@ -114,8 +114,10 @@ def report(target: Annotated[str, typer.Argument(help="Experiment name, or a swe
            out: Annotated[Path | None, typer.Option(help="Folder for report.md, report.html and the plots.")] = None,
            split: Annotated[str, typer.Option(help="Split of the robust-accuracy table: test or val.")] = "test",
            tracking_uri: UriOption = None) -> None:
-    """Markdown and HTML report of a study or one sweep: robust accuracy by configuration × attack × ε (mean ±
-    std over seeds), latent clusters, masking diagnostics, plots. A sweep's report is also logged to its run."""
+    """Markdown and HTML report of a study or one sweep, written like a results section: the GCE − CE gains
+    (with the paper's), robustness-vs-ε charts, the ablation's answer (main effects, loss × ε, importance), clean
+    accuracy and latent clusters, masking diagnostics, and the full attack × ε table last. A sweep's report is
+    also logged to its parent run."""
     from tracking.report import make_report
 
     if split not in ("test", "val"):

@@ -140,6 +140,9 @@ def test_report_command_on_a_parent_run_logs_the_report_to_it(study, tmp_path):
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert {"report/report.md", "report/report.html", "report/worst_case_curves.png",
             "report/robustness_gce_alpha_1_3.png"} <= logged
+    md = (tmp_path / "report.md").read_text()  # the ablation's answer comes with the report, after the gains
+    assert md.index("GCE − CE") < md.index("## Main effects") < md.index("## Clean accuracy")
+    assert "## Factor importance (fANOVA)" in md
 
 
 def test_report_on_an_unknown_experiment_is_a_clear_error(mlflow_server, tmp_path):

@@ -439,9 +439,22 @@ def make_report(client, target: str, out: str | Path | None = None, *, split: st
     experiment>); a sweep's report is also logged to its parent run, under ``report/``. Returns (the paths
     written, the parent run id or None); a ValueError when the experiment has no finished trials."""
     experiment, sweep_id, parent = resolve_target(client, target)
+    if extra is None:  # the ablation's answer (tracking.ablation) right after the report's own
+        extra = _ablation(client, target, split)
     paths = write_report(build_report(client, experiment, sweep_id=sweep_id, split=split, extra=extra),
                          out or Path("reports") / (sweep_id or experiment))
     if parent is not None:
         for path in paths:
             client.log_artifact(parent, str(path), "report")
     return paths, parent
+
+
+def _ablation(client, target: str, split: str) -> list[Section]:
+    """The ablation's sections, or a one-line note saying why there are none (one configuration, no metric)."""
+    from tracking.ablation import AblationError, ablation_sections, load_ablation
+
+    try:
+        sections, _ = ablation_sections(load_ablation(client, target, split=split))
+    except AblationError as err:
+        return [Section("Ablation", [f"No ablation: {err}"])]
+    return sections
