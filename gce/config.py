@@ -79,11 +79,26 @@ class LossConfig:
     name: str = "gce"
     alpha: float | None = None  # GCE only; None -> 1/3 (the paper's default)
     normalization: str = "paper"  # "paper": 1/log(K-1); "code": 1/log K as in the authors' code
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the loss's own options: label smoothing's smoothing, …
 
     def __post_init__(self) -> None:
-        from gce.losses import LOSSES, NORMALIZATIONS
+        from gce.losses import LOSSES, NORMALIZATIONS, loss_options
 
         _require(self.name in LOSSES, "loss.name", f"one of {sorted(LOSSES)}", self.name)
+        _require(isinstance(self.kwargs, dict), "loss.kwargs", "a mapping of the loss's options", self.kwargs)
+        known = loss_options(self.name)
+        for key in self.kwargs:
+            _require(key in known, f"loss.kwargs.{key}",
+                     f"an option of loss {self.name!r} (its options: {sorted(known) or 'none'})", key)
+        if self.kwargs:  # the loss checks its own values: try them once on a tiny batch, before any training
+            import torch
+
+            from gce.losses import get_loss
+
+            try:
+                get_loss(self.name, kwargs=self.kwargs)(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"loss.kwargs: {err}") from err
         _require(self.normalization in NORMALIZATIONS, "loss.normalization", f"one of {list(NORMALIZATIONS)}",
                  self.normalization)
         if self.name == "gce":

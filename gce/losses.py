@@ -1,8 +1,12 @@
-"""Training objectives over logits: cross-entropy, complement entropy (COT) and guided complement entropy (GCE).
+"""Training objectives over logits: cross-entropy, complement entropy (COT), guided complement entropy (GCE),
+and the controls a GCE claim must be held against: label smoothing and logit squeezing.
 
 GCE: Chen et al., "Improving Adversarial Robustness via Guided Complement Entropy", ICCV 2019,
 https://arxiv.org/abs/1903.09799 (Eq. 2). COT: Chen et al., "Complement Objective Training", ICLR 2019,
-https://arxiv.org/abs/1903.01182.
+https://arxiv.org/abs/1903.01182. GCE flattens the non-target probabilities, which is close to what label
+smoothing does (Szegedy et al. 2016); label smoothing and logit squeezing (Kannan et al. 2018, arXiv
+1803.06373) are known to look robust under PGD while failing under other attacks (Engstrom et al. 2018, arXiv
+1807.10272; Fu et al. 2020, arXiv 2009.08233), so a GCE gain that they match is no evidence of robustness.
 
 Every loss is a pure function ``loss(logits, target) -> scalar`` (or per-sample with ``reduction="none"``),
 computed in log space in float32 so that saturated logits (|z| up to 1e4) give finite values and gradients,
@@ -11,6 +15,7 @@ also under bf16 autocast. The class count K comes from the tensor.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
@@ -27,6 +32,9 @@ __all__ = [
     "cross_entropy",
     "get_loss",
     "guided_complement_entropy",
+    "label_smoothing",
+    "logit_squeezing",
+    "loss_options",
     "reduce_per_sample",
 ]
 
@@ -131,24 +139,68 @@ def guided_complement_entropy(
     return reduce_per_sample(guide * neg_entropy / _normalizer(logits.shape[1], normalization), reduction)
 
 
-#: Loss name -> function(logits, target, **kwargs). COT's "loss" is the complement step of its alternation.
+def label_smoothing(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.1,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy against targets smoothed towards uniform: 1 − ε on the true class, ε/K spread over all K
+    (Szegedy et al. 2016; PyTorch's ``label_smoothing``). Like GCE it flattens the incorrect classes."""
+    check_number("smoothing", smoothing)
+    if smoothing >= 1:
+        raise ValueError(f"smoothing must be in [0, 1); got {smoothing!r}")
+    _check(logits, target, 2, reduction)
+    return F.cross_entropy(logits.float(), target, reduction=reduction, label_smoothing=float(smoothing))
+
+
+def logit_squeezing(logits: torch.Tensor, target: torch.Tensor, weight: float = 0.05,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy plus ``weight`` · ‖z‖² of each example's logits (Kannan et al. 2018's logit squeezing):
+    small logits make the softmax flat and the CE gradient small, which can mask gradients without robustness."""
+    check_number("weight", weight)
+    _check(logits, target, 2, reduction)
+    z = logits.float()
+    per_sample = F.cross_entropy(z, target, reduction="none") + weight * z.pow(2).sum(dim=1)
+    return reduce_per_sample(per_sample, reduction)
+
+
+#: Loss name -> function(logits, target, *, <its options>, reduction). COT's "loss" is the complement step of
+#: its alternation. Options beyond α and the normalisation come from ``loss.kwargs`` (``loss_options``).
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "ce": cross_entropy,
     "cot": complement_entropy,
     "gce": guided_complement_entropy,
+    "label_smoothing": label_smoothing,
+    "logit_squeezing": logit_squeezing,
 }
 
+_BOUND = ("logits", "target", "reduction", "alpha", "normalization")  # passed by the caller or its own fields
 
-def get_loss(name: str, alpha: float | None = None, normalization: str = "paper") -> LossFn:
+
+def loss_options(name: str) -> dict[str, object]:
+    """The options ``loss.kwargs`` may set for loss ``name``, with their defaults (its keyword parameters other
+    than the logits, the target, the reduction, α and the normalisation, which have their own fields)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
+    params = inspect.signature(LOSSES[name]).parameters.values()
+    return {p.name: p.default for p in params
+            if p.name not in _BOUND and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def get_loss(name: str, alpha: float | None = None, normalization: str = "paper",
+             kwargs: dict[str, object] | None = None) -> LossFn:
     """Look a loss up by name and bind its options; an unknown name lists the known ones.
 
     ``alpha`` is only meaningful for GCE: passing it for another loss is an error rather than silently ignored,
-    so that an ablation never records an α that had no effect.
+    so that an ablation never records an α that had no effect. ``kwargs`` are the loss's own options
+    (``loss_options``), e.g. label smoothing's ``smoothing``; an unknown one is an error naming the known ones.
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}; got {normalization!r}")
+    options = dict(kwargs or {})
+    known = loss_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"loss {name!r} has no option(s) {unknown}; its options: {sorted(known) or 'none'}")
     if name == "gce":
         return partial(
             guided_complement_entropy, alpha=1 / 3 if alpha is None else alpha, normalization=normalization
@@ -157,4 +209,4 @@ def get_loss(name: str, alpha: float | None = None, normalization: str = "paper"
         raise ValueError(f"alpha applies only to loss 'gce'; got alpha={alpha!r} for loss {name!r}")
     if name == "cot":
         return partial(complement_entropy, normalization=normalization)
-    return cross_entropy
+    return partial(LOSSES[name], **options) if options else LOSSES[name]

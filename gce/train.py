@@ -55,7 +55,7 @@ def objective(config: TrainConfig) -> Callable[..., torch.Tensor]:
             return cross_entropy(logits, target, reduction=reduction) + complement_entropy(
                 logits, target, normalization=loss.normalization, reduction=reduction)
         return cot
-    return get_loss(loss.name, alpha=loss.alpha, normalization=loss.normalization)
+    return get_loss(loss.name, alpha=loss.alpha, normalization=loss.normalization, kwargs=loss.kwargs)
 
 
 @dataclass

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from gce.losses import LOSSES, complement_entropy, cross_entropy, get_loss, guided_complement_entropy
+from gce.losses import (
+    LOSSES,
+    complement_entropy,
+    cross_entropy,
+    get_loss,
+    guided_complement_entropy,
+    label_smoothing,
+    logit_squeezing,
+    loss_options,
+)
 
 
 def reference_gce(logits, target, alpha, normalization):
@@ -88,7 +97,7 @@ def test_alpha_zero_is_normalised_complement_entropy():
 
 
 @pytest.mark.parametrize("scale", [100.0, 1e4])
-@pytest.mark.parametrize("name", ["ce", "cot", "gce"])
+@pytest.mark.parametrize("name", ["ce", "cot", "gce", "label_smoothing", "logit_squeezing"])
 def test_saturated_logits_finite_in_fp32_and_bf16(name, scale):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(64, 10, generator=g)
@@ -177,5 +186,62 @@ def test_bad_input_names_the_argument(call, message):
 
 
 def test_registry():
-    assert set(LOSSES) == {"ce", "cot", "gce"}
+    assert set(LOSSES) == {"ce", "cot", "gce", "label_smoothing", "logit_squeezing"}
+    assert loss_options("label_smoothing") == {"smoothing": 0.1} and loss_options("gce") == {}
     assert get_loss("gce").keywords["alpha"] == pytest.approx(1 / 3)
+
+
+def test_label_smoothing_is_cross_entropy_against_smoothed_targets():
+    g = torch.Generator().manual_seed(5)
+    logits, target = torch.randn(32, 10, generator=g, dtype=torch.float64), torch.randint(0, 10, (32,), generator=g)
+    eps = 0.2
+    smoothed = torch.full((32, 10), eps / 10, dtype=torch.float64)
+    smoothed[torch.arange(32), target] += 1 - eps
+    expected = -(smoothed * torch.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(label_smoothing(logits, target, smoothing=eps).double(), expected, rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(label_smoothing(logits, target, smoothing=0.0), cross_entropy(logits, target))
+    # Its minimiser is not a one-hot: the optimal true-class probability is 1 − ε + ε/K, the rest flat.
+    z = torch.zeros(1, 10, requires_grad=True)
+    opt = torch.optim.SGD([z], lr=1.0)
+    for _ in range(500):
+        opt.zero_grad()
+        label_smoothing(z, torch.tensor([3]), smoothing=eps).backward()
+        opt.step()
+    p = torch.softmax(z.detach(), 1)[0]
+    assert p[3].item() == pytest.approx(1 - eps + eps / 10, abs=1e-3)
+    assert (p[torch.arange(10) != 3] - eps / 10).abs().max() < 1e-3
+
+
+def test_logit_squeezing_adds_the_squared_logit_norm():
+    g = torch.Generator().manual_seed(6)
+    logits, target = torch.randn(16, 10, generator=g) * 3, torch.randint(0, 10, (16,), generator=g)
+    penalty = logits.pow(2).sum(1)
+    per_sample = logit_squeezing(logits, target, weight=0.1, reduction="none")
+    torch.testing.assert_close(per_sample, cross_entropy(logits, target, reduction="none") + 0.1 * penalty)
+    torch.testing.assert_close(logit_squeezing(logits, target, weight=0.0), cross_entropy(logits, target))
+
+
+def test_loss_kwargs_are_bound_and_checked():
+    fn = get_loss("label_smoothing", kwargs={"smoothing": 0.3})
+    logits, target = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    torch.testing.assert_close(fn(logits, target), label_smoothing(logits, target, smoothing=0.3))
+    assert fn(logits, target, reduction="none").shape == (8,)  # what 'train'-loss attacks call
+    with pytest.raises(ValueError, match=r"no option\(s\) \['eps'\]; its options: \['smoothing'\]"):
+        get_loss("label_smoothing", kwargs={"eps": 0.3})
+    with pytest.raises(ValueError, match="smoothing must be in"):
+        label_smoothing(logits, target, smoothing=1.0)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+        logit_squeezing(logits, target, weight=-1.0)
+
+
+def test_loss_kwargs_in_the_train_config_name_the_field():
+    from gce.config import ConfigError, TrainConfig
+
+    cfg = TrainConfig.from_dict({"loss": {"name": "label_smoothing", "kwargs": {"smoothing": 0.2}}})
+    assert cfg.to_flat()["loss.kwargs.smoothing"] == 0.2
+    assert TrainConfig.from_flat(cfg.to_flat()).loss.kwargs == {"smoothing": 0.2}
+    with pytest.raises(ConfigError, match="loss.kwargs.smoothing: must be an option of loss 'ce'"):
+        TrainConfig.from_dict({"loss": {"name": "ce", "kwargs": {"smoothing": 0.2}}})
+    with pytest.raises(ConfigError, match=r"loss.kwargs: smoothing must be in \[0, 1\)"):
+        TrainConfig.from_dict({"loss": {"name": "label_smoothing", "kwargs": {"smoothing": 1.5}}})

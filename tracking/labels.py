@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
 
-__all__ = ["config_label", "factor_label", "value_label"]
+__all__ = ["config_label", "factor_label", "loss_label", "value_label"]
 
 _FACTORS = {"loss.name": "loss", "loss.alpha": "α", "model.name": "model", "optim.lr": "lr", "optim.name": "optimiser",
             "data.dataset": "data", "seed": "seed", "epochs": "epochs", "batch_size": "batch"}
 _UPPER = {"ce", "cot", "gce", "mlp", "sgd", "adamw"}
-_NAMES = {"adam": "Adam", "lenet5": "LeNet-5", "resnet20": "ResNet-20", "resnet32": "ResNet-32",
+_LOSS_OPTIONS = {"smoothing": "ε", "weight": "λ"}  # a loss's own options (loss.kwargs.*), as papers write them
+_NAMES = {"label_smoothing": "LS", "logit_squeezing": "logit squeezing",
+          "adam": "Adam", "lenet5": "LeNet-5", "resnet20": "ResNet-20", "resnet32": "ResNet-32",
           "resnet56": "ResNet-56", "preact_resnet18": "PreAct-ResNet-18", "wide_resnet": "WRN",
           "mnist5k": "MNIST-5k", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
           "cifar100": "CIFAR-100", "digits": "digits"}
@@ -47,17 +49,26 @@ def value_label(value: object) -> str:
     return f"{number:.4g}"
 
 
+def loss_label(params: Mapping[str, object]) -> str:
+    """The loss with its options: ``CE``, ``GCE α=1/3``, ``LS ε=0.1``, ``my_loss gamma=2``."""
+    options = []
+    if params.get("loss.alpha") not in (None, "", "None"):
+        options.append(f"α={value_label(params['loss.alpha'])}")
+    for key in sorted(k for k in params if k.startswith("loss.kwargs.")):
+        name = key.removeprefix("loss.kwargs.")
+        options.append(f"{_LOSS_OPTIONS.get(name, name)}={value_label(params[key])}")
+    return " ".join([value_label(params.get("loss.name", "?")), *options])
+
+
 def config_label(params: Mapping[str, object], varying: Iterable[str]) -> str:
     """One configuration by the params that vary across a study: the loss first, as a paper writes it
     (``GCE α=1/3``), then every other varying factor as ``name=value``."""
     varying = [k for k in varying if k not in ("seed", "sweep.point")]
     parts = []
-    if "loss.name" in varying or "loss.alpha" in varying:
-        loss = value_label(params.get("loss.name", "?"))
-        alpha = params.get("loss.alpha")
-        parts.append(f"{loss} α={value_label(alpha)}" if alpha not in (None, "", "None") else loss)
+    if any(k == "loss.name" or k == "loss.alpha" or k.startswith("loss.kwargs.") for k in varying):
+        parts.append(loss_label(params))
     for key in varying:
-        if key.startswith("loss.") and key in ("loss.name", "loss.alpha"):
+        if key in ("loss.name", "loss.alpha") or key.startswith("loss.kwargs."):
             continue
         value = params.get(key)
         if key == "model.name" or key == "data.dataset":
