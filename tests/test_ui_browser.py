@@ -18,6 +18,7 @@ from rich.console import Console
 from sweeps.launcher import run_sweep
 from sweeps.loading import load_spec
 from tracking.logger import EXPERIMENT_KIND, ROLE_TAG, SWEEP_TAG
+from tracking.views import WORKFLOW
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +61,13 @@ def test_the_printed_url_opens_the_sweeps_runs_with_factor_and_objective_columns
     missing, text = check_ui(url, [*trial_ids, "val/robust_acc/worst_case", "loss.name", "mnist5k-train"],
                              screenshot=shot / "sweep_runs.png")
     assert not missing, f"not on screen: {missing}"
-    assert "Training runs" in text and "Traces" not in text.split("Training runs", 1)[1][:200]
+    assert "Model registry" in text and "Evaluation runs" not in text  # MLflow's training mode, not GenAI's
     assert f"{len(trials)} matching runs" in text  # the sweep's trials, and only those
 
     # One trial's page: its datasets in the overview, its system metrics in their tab.
     run = trials[0]
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
-    run_url = f"{mlflow_server.url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+    run_url = f"{mlflow_server.url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?{WORKFLOW}"
     missing, _ = check_ui(run_url, ["mnist5k-train", "Datasets"], screenshot=shot / "trial_run.png")
     assert not missing, f"not on the run page: {missing}"
     missing, _ = check_ui(run_url, ["cpu_utilization_percentage"], click=["System metrics"],

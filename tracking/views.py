@@ -14,7 +14,11 @@ from urllib.parse import quote
 
 from tracking.logger import ROLE_TAG, SHARED_VIEW_PREFIX, SWEEP_TAG
 
-__all__ = ["column", "sweep_description", "sweep_url", "sweep_view"]
+__all__ = ["WORKFLOW", "column", "sweep_description", "sweep_url", "sweep_view"]
+
+#: MLflow 3's sidebar starts in its GenAI mode (traces, judges, prompts) in a fresh browser; this URL parameter
+#: opens the "Model training" one (runs, models) instead.
+WORKFLOW = "workflowType=machine_learning"
 
 
 def column(kind: str, key: str) -> str:
@@ -46,7 +50,8 @@ def sweep_url(tracking_uri: str, experiment_id: str, sweep_id: str) -> str:
     if not tracking_uri.startswith("http"):
         return tracking_uri
     base = tracking_uri.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(share_key(sweep_id))}"
+    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(share_key(sweep_id))}"
+            f"&{WORKFLOW}")
 
 
 def sweep_description(*, name: str, description: str, sweep_id: str, experiment: str, parent_run_id: str,
