@@ -220,7 +220,8 @@ def _init_ray(record: SweepRecord) -> None:
 def _tuner(record: SweepRecord, restore: bool, console):
     from ray import tune
 
-    from sweeps.callbacks import ProgressCallback, RunClosingCallback
+    from sweeps.callbacks import RunClosingCallback
+    from sweeps.progress import ProgressCallback
     from sweeps.search import param_space, scheduler, searcher
     from sweeps.trainable import train_trial
 

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
-from sweeps.callbacks import PROGRESS_EVERY_ENV, ProgressCallback
 from sweeps.loading import load_spec
+from sweeps.progress import PROGRESS_EVERY_ENV, ProgressCallback
 
 OBJECTIVE = "val/robust_acc/worst_case"
 
@@ -208,3 +208,24 @@ def test_a_restored_driver_counts_the_trials_that_ended_before_it(spec):
     line = status_lines(out.getvalue())[-1]
     assert "2/3 ended (done 1, stopped early 0, failed 1), 1 running (t_c epoch 2/4 val/clean_acc=0.7000)" in line
     assert "best val/robust_acc/worst_case=0.2500 t_a" in line
+
+
+def test_a_callback_pickled_under_its_old_path_sweeps_callbacks_still_loads(spec):
+    """Tune pickles a sweep's callbacks by class path when it starts (tuner.pkl): a sweep started before the display
+    moved to sweeps.progress names sweeps.callbacks.ProgressCallback, and must still resume."""
+    cb, _, _ = make(spec, terminal=False)
+    new = pickle.dumps(cb, protocol=2)  # protocol 2 names a class as "c<module>\n<name>\n": easy to rewrite
+    assert b"csweeps.progress\nProgressCallback\n" in new
+    old = new.replace(b"csweeps.progress\nProgressCallback\n", b"csweeps.callbacks\nProgressCallback\n")
+    restored = pickle.loads(old)
+    assert isinstance(restored, ProgressCallback) and restored.total == 3
+
+
+def test_a_trial_whose_objective_is_nan_is_done_but_never_the_best(spec):
+    cb, out, _ = make(spec, terminal=False)
+    a, b = trial("t_a", "ce", epoch=4, **{OBJECTIVE: float("nan")}), trial("t_b", "gce", epoch=4, **{OBJECTIVE: 0.4})
+    for t in (a, b):
+        cb.on_trial_start(0, [a, b], t)
+        cb.on_trial_complete(1, [a, b], t)
+    assert cb.done == 2 and cb.best[0] == 0.4
+    assert "best val/robust_acc/worst_case=0.4000 t_b" in out.getvalue().splitlines()[-1]

@@ -124,6 +124,32 @@ def test_one_seed_falls_back_to_cells_and_nothing_to_match_to_welch():
     assert welch.high - welch.low > gain.high - gain.low  # the ε spread is not removed: a wider interval
 
 
+def test_an_eps_one_loss_was_not_attacked_at_leaves_its_cells_empty_instead_of_failing():
+    """An unbalanced grid (GCE's runs lack ε = 0.3): the contrast there has nothing to compare, so it is empty (n 0),
+    and the rest of the analysis and its write-up stand. A NaN observation counts as missing, not as a value."""
+    obs = [o for o in study(random.Random(8)) if not (o.levels[LOSS] != "CE" and o.levels[EPS] == "0.3")]
+    obs.append(Observation({LOSS: "GCE α=1/3", EPS: "0.1"}, "0", float("nan")))
+    it = interaction(obs, [LOSS_F, EPS_F], LOSS_F, EPS_F)
+    missing = it.contrasts[("GCE α=1/3", "0.3")]
+    assert missing.n == 0 and missing.basis == "unmatched" and it.cells[("GCE α=1/3", "0.3")].n == 0
+    assert it.contrasts[("GCE α=1/3", "0.1")].covers(0.10) and it.contrasts[("GCE α=1/3", "0.1")].n == 5
+    effects = {e.factor.key: e for e in main_effects(obs, [LOSS_F, EPS_F])}
+    assert effects[LOSS].levels["GCE α=1/3"].n == 10 and effects[LOSS].contrasts["GCE α=1/3"].covers(0.10)
+    data = ablation.Ablation("unbalanced", "robust accuracy", "val/robust_acc/worst_case", "test", [LOSS_F, EPS_F],
+                             obs)
+    sections, _ = ablation.ablation_sections(data)
+    assert "Loss × ε interaction" in [sec.heading for sec in sections]
+
+
+def test_an_alpha_logged_as_none_for_ce_is_no_level_of_alpha():
+    """A tool that logs every param writes CE's α as "None": CE must not become a level of α (α would be the loss
+    factor again, CE against GCE, labelled as α)."""
+    params = [{"loss.name": "ce", "loss.alpha": "None"}, {"loss.name": "gce", "loss.alpha": "0.3333333333333333"}]
+    factors, levels = ablation.factors_of(params)
+    assert [f.key for f in factors] == [LOSS] and factors[0].levels == ("CE", "GCE α=1/3")
+    assert levels == [{LOSS: "CE"}, {LOSS: "GCE α=1/3"}]
+
+
 def test_sections_carry_their_plots_for_the_html_report():
     from types import SimpleNamespace
 
@@ -222,3 +248,11 @@ def test_ablate_errors_are_one_line_naming_what_is_missing(logged, tmp_path):
     RunLogger(uri, empty)
     none = runner.invoke(app, ["ablate", empty, "--tracking-uri", uri])
     assert none.exit_code == 1 and "no finished trial runs" in none.output
+    single = f"single-{uuid.uuid4().hex[:6]}"
+    log = RunLogger(uri, single)
+    for seed in (0, 1):  # one configuration, one value: only the seed varies
+        run = log.start_trial("sw-single", f"t{seed}", {"loss.name": "ce", "train.seed": seed})
+        log.log_metrics(run, {"val/clean_acc": 0.9 + 0.01 * seed})
+        log.end_run(run)
+    alone = runner.invoke(app, ["ablate", single, "--metric", "val/clean_acc", "--tracking-uri", uri])
+    assert alone.exit_code == 1 and "nothing but the seed varies" in alone.output

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sweeps.cli import app
 from tracking.logger import RunLogger
-from tracking.queries import QueryError, best_runs, client_for, compare_runs, held_out_metric
+from tracking.queries import QueryError, best_runs, client_for, compare_runs, held_out_metric, resolve_target
 
 runner = CliRunner()
 VAL, TEST = "val/robust_acc/worst_case", "test/robust_acc/worst_case"
@@ -100,3 +100,20 @@ def test_bad_queries_are_clear_errors(study):
     assert out.exit_code == 1 and "rejected the search" in out.output
     out = runner.invoke(app, ["best", name, "--mode", "biggest", "--tracking-uri", uri])
     assert out.exit_code == 2 and "max or min" in out.output
+
+
+def test_a_report_or_ablation_target_resolves_to_its_experiment_sweep_and_parent_run(mlflow_server):
+    """What ``report`` and ``ablate`` accept: an experiment, a sweep id, a sweep's parent run id, or a trial's run
+    id (its sweep's: nothing is logged to a trial); anything else is a QueryError, not a traceback."""
+    name, sweep = f"resolve-{uuid.uuid4().hex[:6]}", f"sw-{uuid.uuid4().hex[:6]}"
+    log = RunLogger(mlflow_server.url, name)
+    parent = log.start_sweep(sweep, spec_name="fixture", spec_hash="0")
+    trial = log.start_trial(sweep, "t0", {"loss.name": "ce"}, parent_run_id=parent)
+    client = client_for(mlflow_server.url)
+    assert resolve_target(client, name) == (name, None, None)
+    assert resolve_target(client, sweep) == resolve_target(client, parent) == (name, sweep, parent)
+    assert resolve_target(client, trial) == (name, sweep, parent)
+    with pytest.raises(QueryError, match="no run 0{32}"):
+        resolve_target(client, "0" * 32)
+    with pytest.raises(QueryError, match="no experiment 'no-such-study'.*nor is it a sweep id"):
+        resolve_target(client, "no-such-study")

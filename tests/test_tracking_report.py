@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sweeps.cli import app
 from tracking.logger import RunLogger
-from tracking.report import Section, build_report, to_html, to_markdown
+from tracking.report import Section, build_report, make_report, to_html, to_markdown
 
 ROBUST = {  # (loss, α, seed) -> metrics; COT has one seed, so its cells carry their count
     ("ce", None, 0): {"test/robust_acc/pgd/eps_0.1": 0.60, "test/robust_acc/worst_case/eps_0.1": 0.50,
@@ -143,6 +143,18 @@ def test_report_command_on_a_parent_run_logs_the_report_to_it(study, tmp_path):
     md = (tmp_path / "report.md").read_text()  # the ablation's answer comes with the report, after the gains
     assert md.index("GCE − CE") < md.index("## Main effects") < md.index("## Clean accuracy")
     assert "## Factor importance (fANOVA)" in md
+    assert "GCE runs only" not in md  # CE's α is logged as "None" here: no level of an α factor
+
+
+def test_a_trial_run_id_stands_for_its_sweep_and_an_unknown_run_id_is_an_error(study, tmp_path):
+    uri, experiment, parent = study
+    client = MlflowClient(uri)
+    trial = next(r.info.run_id for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+                 if r.info.run_id != parent)
+    paths, logged_to = make_report(client, trial, tmp_path / "by-trial")
+    assert logged_to == parent and paths[0].exists()  # the sweep's report, on its parent run: never on a trial
+    result = CliRunner().invoke(app, ["report", "0" * 32, "--out", str(tmp_path), "--tracking-uri", uri])
+    assert result.exit_code == 1 and f"no run {'0' * 32}" in result.output and "Traceback" not in result.output
 
 
 def test_report_on_an_unknown_experiment_is_a_clear_error(mlflow_server, tmp_path):
@@ -164,3 +176,41 @@ def test_a_section_that_varies_as_a_whole_gets_one_short_label():
     # Two keys of a section are not "the section as a whole": each is named.
     assert _label(Group({"optim.lr": "0.001", "optim.name": "adam"}), ["optim.lr", "optim.name"]) \
         == "lr=0.001, optimiser=Adam"
+
+
+def test_the_papers_gce_is_alpha_one_third_and_alpha_zero_is_an_alpha_of_its_own():
+    from tracking.queries import Group
+    from tracking.report_sections import _paper_pair
+
+    ce, zero = Group({"loss.name": "ce"}), Group({"loss.name": "gce", "loss.alpha": "0.0"})
+    third, default = Group({"loss.name": "gce", "loss.alpha": "0.3333333333333333"}), Group({"loss.name": "gce"})
+    pair = _paper_pair([ce, zero, third])
+    assert pair[0] is ce and pair[1] is third
+    assert _paper_pair([ce, zero, default])[1] is default  # no α logged: the 1/3 default
+
+
+def _group(params: dict, metrics: list[dict]):
+    from types import SimpleNamespace
+
+    from tracking.queries import Group
+
+    return Group(params, [SimpleNamespace(data=SimpleNamespace(metrics=m)) for m in metrics])
+
+
+def test_the_alpha_chart_is_drawn_only_when_alpha_alone_tells_the_gce_configurations_apart():
+    from tracking.report_figures import summary_figures
+
+    keys = [("test/robust_acc/worst_case/eps_0.1", "worst_case", 0.1)]
+    by_alpha = [_group({"loss.name": "gce", "loss.alpha": a}, [{keys[0][0]: 0.5}]) for a in ("0.1", "0.5")]
+    assert set(summary_figures(by_alpha, ["a", "b"], keys)) == {"worst_case_curves.png", "alpha_curve.png"}
+    with_lr = [_group({"loss.name": "gce", "loss.alpha": a, "optim.lr": lr}, [{keys[0][0]: 0.5}])
+               for a in ("0.1", "0.5") for lr in ("0.01", "0.001")]  # a point per α would be one lr's, unsaid
+    assert set(summary_figures(with_lr, ["a", "b", "c", "d"], keys)) == {"worst_case_curves.png"}
+
+
+def test_a_run_with_a_nan_metric_is_no_point_of_the_pareto_front():
+    from tracking.report_figures import pareto_figure
+
+    run = {"val/clean_acc": 0.9, "val/robust_acc/worst_case": 0.4}
+    assert pareto_figure([_group({}, [run, {**run, "val/robust_acc/worst_case": float("nan")}])], ["x"]) == {}
+    assert set(pareto_figure([_group({}, [run, {**run, "val/clean_acc": 0.8}])], ["x"])) == {"pareto_front.png"}

@@ -20,10 +20,12 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
 from tracking.connection import configure_client
-from tracking.logger import ROLE_TAG, TRIAL_TAG, metric_key
+from tracking.logger import ROLE_TAG, SWEEP_TAG, TRIAL_TAG, metric_key
 
 DEFAULT_METRIC = "val/robust_acc/worst_case"
 SEED_PARAM = re.compile(r"(^|[./_])seed$")  # "seed", "train.seed", "data.split_seed"…: what compare averages over
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_SWEEP_ID = re.compile(r"[\w.:-]+")  # what a sweep id may look like (and safe to quote in a filter)
 
 
 class QueryError(LookupError):
@@ -61,9 +63,49 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``; a QueryError listing the experiments that exist otherwise."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None or experiment.lifecycle_stage != "active":
-        known = sorted(e.name for e in client.search_experiments(max_results=200))
-        raise QueryError(f"no experiment {name!r} on the tracking server; known: {', '.join(known) or 'none'}")
+        raise _no_experiment(client, name)
     return experiment.experiment_id
+
+
+def resolve_target(client: MlflowClient, target: str) -> tuple[str, str | None, str | None]:
+    """(experiment, sweep id, parent run id) of what a user names for a report or an ablation: an experiment name,
+    a sweep id (tag ``gce.sweep_id``) or a run id — a sweep's parent run, or a trial's, which stands for its sweep
+    so that nothing is logged to a trial. A run outside any sweep stands for its experiment. QueryError otherwise."""
+    if _RUN_ID.fullmatch(target):
+        try:
+            run = client.get_run(target)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise QueryError(f"no run {target} on the tracking server") from err
+        experiment = client.get_experiment(run.info.experiment_id).name
+        sweep_id = run.data.tags.get(SWEEP_TAG)
+        if sweep_id is None:
+            return experiment, None, None
+        if run.data.tags.get(ROLE_TAG) == "sweep":
+            return experiment, sweep_id, run.info.run_id
+        parent = _sweep_parent(client, [run.info.experiment_id], sweep_id)
+        return experiment, sweep_id, parent.info.run_id if parent else None
+    found = client.get_experiment_by_name(target)
+    if found is not None and found.lifecycle_stage == "active":
+        return target, None, None
+    if _SWEEP_ID.fullmatch(target):
+        ids = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+        parent = _sweep_parent(client, ids, target) if ids else None
+        if parent is not None:
+            return client.get_experiment(parent.info.experiment_id).name, target, parent.info.run_id
+    raise _no_experiment(client, target, " (nor is it a sweep id or a run id)")
+
+
+def _sweep_parent(client: MlflowClient, experiment_ids: list[str], sweep_id: str):
+    runs = client.search_runs(experiment_ids, f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND tags.`{ROLE_TAG}` = 'sweep'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def _no_experiment(client: MlflowClient, name: str, also: str = "") -> QueryError:
+    known = sorted(e.name for e in client.search_experiments(max_results=200))
+    return QueryError(f"no experiment {name!r} on the tracking server{also}; known: {', '.join(known) or 'none'}")
 
 
 def held_out_metric(metric: str) -> str | None:
