@@ -308,8 +308,12 @@ class _TrialView:
             self.metric, self.value = metric, float(result[metric])
 
     def epoch_text(self) -> str:
+        """``3/20``; ``20/20 evaluating`` once the last epoch is in (the robust evaluation can take longer than
+        the training did, so a trial sitting at its last epoch is not stuck)."""
         done = "?" if self.epoch is None else str(self.epoch)
-        return done if self.epochs is None else f"{done}/{self.epochs}"
+        if self.epochs is None:
+            return done
+        return f"{done}/{self.epochs}" + (" evaluating" if self.epoch == self.epochs else "")
 
     def metric_text(self, sep: str = "") -> str:
         return "" if self.metric is None else f"{sep}{self.metric}={self.value:.4f}"

@@ -75,6 +75,7 @@ def test_plain_mode_prints_a_status_line_every_period_with_epochs_eta_and_best(s
     [line] = status_lines(out.getvalue())
     assert "0/3 ended (done 0, stopped early 0, failed 0), 2 running" in line
     assert "t_a epoch 1/4 val/clean_acc=0.9125" in line and "t_b epoch 2/4 train/loss=0.5000" in line
+    assert "evaluating" not in line
     assert "1 pending" in line and "elapsed 35s" in line and "ETA –" in line and "best: none yet" in line
 
     # t_a ends at 60 s with its objective; t_c starts in its slot.
@@ -87,9 +88,11 @@ def test_plain_mode_prints_a_status_line_every_period_with_epochs_eta_and_best(s
            "val/robust_acc/worst_case=0.4200 t_a (loss.name=ce, seed=0)" in out.getvalue()
 
     clock.now = 1100.0
+    report(cb, b, epoch=4, **{"val/clean_acc": 0.95})  # its last epoch: the robust evaluation runs now
     cb.on_step_end(4, trials)
     line = status_lines(out.getvalue())[-1]
     assert "1/3 ended (done 1, stopped early 0, failed 0), 2 running" in line and "0 pending" in line
+    assert "t_b epoch 4/4 evaluating val/clean_acc=0.9500" in line
     assert "t_a" not in line.split("|")[0]  # no longer listed as running
     # Mean 60 s; t_b (100 s old) is due, t_c (40 s old) has 20 s left, over the 2 seen running at once.
     assert "elapsed 1m40s, ETA 10s" in line
