@@ -80,6 +80,7 @@ def resume_sweep(sweep: str, *, storage: str | Path | None = None, console=None)
             f"Tune had saved no state yet: starting afresh, {len(discarded)} unrecorded trial run(s) discarded"
         console.print(f"resuming sweep {record.sweep_id}: {how}; closed {len(closed)} orphaned run(s) as KILLED"
                       + (f"; ended {reaped} process(es) left by the dead driver's Ray" if reaped else ""))
+        _announce(console, record, logger.experiment_id)
     return _execute(record, restore=restore, console=console)
 
 
