@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +59,7 @@ tr.spans th{text-align:center;border-bottom:1px solid #bbb}
 tbody tr:hover td{background:#eef4fb}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:10px 16px;margin:.8em 0}
 .figs figure{margin:0}
+.figs figure.wide{grid-column:1/-1}
 .figs img{max-width:100%;height:auto}
 details summary{cursor:pointer;color:#345}
 ul{padding-left:1.3em}
@@ -93,8 +95,9 @@ def to_html(doc) -> str:
                         f"<details><summary>{len(section.items)} details</summary>{items}</details>")
         if section.figures:
             body.append('<div class="figs">' + "".join(
-                f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                "</figure>" for name, png in section.figures.items()) + "</div>")
+                f'<figure{_wide(png)}><img alt="{html.escape(name)}" '
+                f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>'
+                for name, png in section.figures.items()) + "</div>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(doc.title)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -156,3 +159,12 @@ def _html_table(table: Table) -> str:
         head = f'<tr class="spans">{"".join(spans)}</tr>' + head
     return (f'<div class="tw"><table><thead>{head}</thead><tbody>'
             + "".join(f"<tr>{cells('td', row)}</tr>" for row in table.rows) + "</tbody></table></div>")
+
+
+def _wide(png: bytes) -> str:
+    """A figure of several panels side by side (wider than twice its height) gets the grid's whole row: in one
+    cell its panels would be thumbnails."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n" or len(png) < 24:
+        return ""
+    width, height = struct.unpack(">II", png[16:24])
+    return ' class="wide"' if width > 2 * height else ""

@@ -106,18 +106,22 @@ def ablation_figures(ablation: Ablation, analysis: Analysis) -> dict[str, bytes]
     """main_effects.png, interaction.png (loss × ε) and parallel_coordinates.png as PNG bytes."""
     s = ablation.scale
     ylabel = f"{ablation.metric}" + (" (%)" if s == 100 else "")
+
+    def drawn(e: Estimate) -> tuple[float, float, float]:
+        # An accuracy's t-interval can cross 0 or 100 with few seeds; drawn, it stops at what is possible.
+        low, high = s * e.low, s * e.high
+        return (s * e.mean, max(low, 0.0), min(high, 100.0)) if s == 100 else (s * e.mean, low, high)
+
     figures = {}
     if analysis.effects:
         figures["main_effects.png"] = plots.main_effects(
             {e.factor.label + (f" ({e.factor.note})" if e.factor.note else ""):
-             [(lv, s * st.mean, s * st.low, s * st.high) for lv, st in e.levels.items()] for e in analysis.effects},
-            ylabel=ylabel)
+             [(lv, *drawn(st)) for lv, st in e.levels.items()] for e in analysis.effects}, ylabel=ylabel)
     it = analysis.interaction
     if it is not None:
         rows, cols = _cell_levels(it)
         figures["interaction.png"] = plots.interaction_lines(
-            {r: {float(c): (s * it.cells[(r, c)].mean, s * it.cells[(r, c)].low, s * it.cells[(r, c)].high)
-                 for c in cols} for r in rows},
+            {r: {float(c): drawn(it.cells[(r, c)]) for c in cols} for r in rows},
             xlabel=it.columns.label, ylabel=ylabel, title=f"{it.rows.label} × {it.columns.label}")
     shown = [f for f in ablation.factors if not f.confounded]
     if shown:
