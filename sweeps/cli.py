@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -42,10 +43,19 @@ def train(
     = None,
     download: Annotated[bool, typer.Option(help="Download torchvision datasets if missing.")] = False,
     checkpoint: Annotated[Path | None, typer.Option(help="Write the final checkpoint here.")] = None,
+    plugin: Annotated[list[str] | None, typer.Option(help="A plugin module (or module:object) to import first; "
+                                                          "repeatable. Installed entry points load anyway.")] = None,
 ) -> None:
     """One training run without tracking: per-epoch metrics, then clean test accuracy."""
     from gce.config import ConfigError, TrainConfig
+    from gce.plugins import PluginError, load_plugins
 
+    if plugin and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))  # as for a spec's plugins: a console script's path lacks the cwd
+    try:
+        load_plugins(plugin or [])
+    except PluginError as err:
+        raise typer.BadParameter(str(err), param_hint="--plugin") from err
     try:
         config = TrainConfig.from_dict({
             "data": {"dataset": dataset, "root": str(data_root) if data_root else None, "download": download},

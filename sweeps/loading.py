@@ -4,6 +4,7 @@ checks, every problem reported at once with its YAML path and nothing started.""
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def load_spec(source: str | Path | dict[str, Any], overrides: list[str] | None =
     if not isinstance(raw, dict):
         raise SpecError(f"{where}: a spec must be a mapping of fields (name, experiment, base, …); "
                         f"got {type(raw).__name__}")
+    _import_plugins(raw, where, None if isinstance(source, dict) else Path(where).parent)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
@@ -76,6 +78,24 @@ def load_spec(source: str | Path | dict[str, Any], overrides: list[str] | None =
     if problems:
         raise SpecError(f"{where}: invalid spec\n" + "\n".join(f"  - {p}" for p in problems))
     return spec
+
+
+def _import_plugins(raw: dict[str, Any], where: str, folder: Path | None) -> None:
+    """The spec's plugins (and installed packages' entry points) registered before anything else is validated, so
+    that a plugin's loss, model, dataset or attack validates like a built-in one. A plugin module is looked up on
+    the path, then beside the spec file, then in the working directory (``gce-sweep``, a console script, does not
+    put it on the path as ``python`` does). A ``plugins`` that is not a list is left to the schema to report."""
+    from gce.plugins import PluginError, load_plugins
+
+    entries = raw.get("plugins")
+    if isinstance(entries, list) and entries:
+        for extra in (folder, Path.cwd()):
+            if extra is not None and str(extra.absolute()) not in sys.path:
+                sys.path.append(str(extra.absolute()))  # appended: never shadows an installed package
+    try:
+        load_plugins(entries if isinstance(entries, list) else [])
+    except PluginError as err:  # the rest of the spec may name what failed to register: its errors would mislead
+        raise SpecError(f"{where}: invalid spec\n" + "\n".join(f"  - {p}" for p in err.problems)) from None
 
 
 def _format(err: ValidationError) -> str:

@@ -5,6 +5,11 @@
 - An address: checked to answer within seconds, else a one-line error that names it.
 - A driver killed with SIGKILL leaves Ray's agents behind (they ignore SIGTERM for minutes). Each driver notes
   its local Ray session in the sweep's folder; ``resume`` ends the processes of sessions whose driver is dead.
+- Plugins (``spec.plugins``, see gce.plugins) travel to the workers: the code of those that are not installed
+  packages is copied into the sweep's folder (``gce_plugins/``, kept beside the results) and shipped with Ray's
+  runtime environment (``py_modules``) when this driver starts or joins Ray; with a Ray the caller started (its
+  runtime environment is fixed) trials import the copies from the sweep's folder, which they see on this machine
+  or a shared filesystem. Installed packages are not shipped: they must be installed on every node.
 - Worker output is not forwarded to the console: a trial's errors go to its MLflow run and one console line,
   and a worker's shutdown noise (its SIGTERM handler's SystemExit) never reaches the user's screen.
 """
@@ -14,26 +19,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import sys
+from importlib.metadata import packages_distributions
 from pathlib import Path
+from types import ModuleType
 
 from sweeps.record import SweepRecord
 from sweeps.spec import SpecError
 from tracking.server import pid_alive
 
-__all__ = ["init_ray", "reap_dead_sessions"]
+__all__ = ["PLUGINS_DIR", "import_plugins", "init_ray", "reap_dead_sessions", "stage_plugins"]
 
 SESSIONS_FILE = "ray_sessions.json"
+PLUGINS_DIR = "gce_plugins"  # in the sweep's folder: the plugins' code as the driver imported it
 
 
 def init_ray(record: SweepRecord, env: dict[str, str]) -> None:
     """Ray for this driver, with ``env`` set in every worker (how trials reach the tracking server)."""
     import ray
 
-    if ray.is_initialized():
+    shipped = stage_plugins(record)
+    if ray.is_initialized():  # its runtime environment is the caller's: trials use the staged copies
         return
-    options = dict(runtime_env={"env_vars": env}, logging_level="WARNING", log_to_driver=False)
+    runtime_env = {"env_vars": env} | ({"py_modules": [str(p) for p in shipped]} if shipped else {})
+    options = dict(runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
     if record.address:
         check_address(record.address)
         ray.init(address=record.address, **options)
@@ -41,6 +53,65 @@ def init_ray(record: SweepRecord, env: dict[str, str]) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", include_dashboard=False, **options)
     _note_session(record.folder)
+
+
+def stage_plugins(record: SweepRecord) -> list[Path]:
+    """Copy the code of the spec's plugins that are not installed packages (a module file, or the top-level
+    package's folder) into ``<sweep folder>/gce_plugins``; returns the copies, for Ray's ``py_modules``.
+
+    A resumed sweep's driver may not find a plugin where the launch found it (another working directory): the
+    copies staged at launch are its last resort, so the sweep continues with the code it started with."""
+    from gce.plugins import PluginError, load_plugins
+
+    folder = record.folder / PLUGINS_DIR
+    if folder.is_dir() and str(folder) not in sys.path:
+        sys.path.append(str(folder))  # appended: the plugin where the user keeps it comes first
+    try:
+        modules = load_plugins(record.sweep_spec.plugins)  # imported already when the spec was loaded: cheap
+    except PluginError as err:
+        raise SpecError("\n".join(err.problems)) from None
+    if not modules:
+        return []
+    installed = packages_distributions()
+    staged: list[Path] = []
+    for top in dict.fromkeys(sys.modules[m.__name__.partition(".")[0]] for m in modules):
+        if top.__name__ in sys.stdlib_module_names or top.__name__ in installed:
+            continue
+        source = _module_source(top)
+        target = folder / source.name
+        if source.resolve() != target.resolve():  # not imported from the staged copy itself (a resume)
+            folder.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(source, target)
+        staged.append(target)
+    return staged
+
+
+def _module_source(module: ModuleType) -> Path:
+    """The file of a single-module plugin, the folder of a package."""
+    path = list(getattr(module, "__path__", []))
+    if path:
+        if len(path) != 1:
+            raise SpecError(f"plugins: the namespace package {module.__name__!r} spans {path}: it cannot be shipped "
+                            "to Ray's workers; install it on every node, or make it a regular package")
+        return Path(path[0])
+    if not getattr(module, "__file__", None):
+        raise SpecError(f"plugins: {module.__name__!r} has no source file to ship to Ray's workers")
+    return Path(module.__file__)
+
+
+def import_plugins(record: SweepRecord) -> None:
+    """In a trial's worker, before its config is built: the spec's plugins imported, from what Ray's runtime
+    environment shipped, else from the copies in the sweep's folder (a Ray the caller started)."""
+    from gce.plugins import load_plugins
+
+    staged = str(record.folder / PLUGINS_DIR)
+    if Path(staged).is_dir() and staged not in sys.path:
+        sys.path.insert(0, staged)  # the code the driver imported, before any same-named module on the path
+    load_plugins(record.sweep_spec.plugins)
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:

@@ -123,6 +123,9 @@ class SweepSpec(_Strict):
     max_failures: Annotated[int, Field(ge=0)] = 0
     address: str | None = None  # Ray address; None = $RAY_ADDRESS or a local Ray
     storage_path: str | None = None  # Ray Tune results; None = .gce-sweeps/ray_results
+    # Modules (or module:object) registering losses, models, datasets or attacks (gce.plugins); imported before
+    # the rest of the spec is validated (sweeps.loading), and in every trial's worker (sweeps.runtime)
+    plugins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -186,7 +189,9 @@ class SweepSpec(_Strict):
     def trial_config(self, point: dict[str, Any], seed: int) -> Any:
         """The gce TrainConfig of one trial: the base with the point's values and the seed set."""
         from gce.config import TrainConfig, set_path
+        from gce.plugins import load_plugins
 
+        load_plugins(self.plugins)  # the registries may hold the plugins' names (cheap once imported)
         nested = json.loads(json.dumps(self.base))
         for path, value in point.items():
             set_path(nested, path, value)

@@ -114,9 +114,11 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
 def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial:
     """The trial's TrainConfig and its MLflow run, found by (sweep id, trial id): a restored or retried trial
     continues its own run."""
+    from sweeps.runtime import import_plugins
     from tracking.logger import RunLogger
 
     spec = record.sweep_spec
+    import_plugins(record)  # the spec's plugins, in this worker, before their names are looked up
     point, seed = trial_assignment(config, spec)
     train_config = spec.trial_config(point, seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
