@@ -138,6 +138,8 @@ def ablate(target: Annotated[str, typer.Argument(help="Experiment name, a sweep 
            out: Annotated[Path | None, typer.Option(help="Folder for ablation.md and the plots (default "
                                                     "reports/<sweep id or experiment>/ablation).")] = None,
            fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+           reference: Annotated[str | None, typer.Option(help="The loss the others are compared with, as the "
+                                                         "tables name it (default CE), e.g. 'LS ε=0.1'.")] = None,
            tracking_uri: UriOption = None) -> None:
     """Which factor moved the objective, by how much, with what uncertainty: main effects (mean, 95% CI, matched
     effect sizes), the loss × ε interaction and an importance ranking. A sweep's plots go to its run."""
@@ -149,7 +151,7 @@ def ablate(target: Annotated[str, typer.Argument(help="Experiment name, a sweep 
         raise typer.BadParameter(f"--format must be table or json, got {fmt!r}")
     with _errors():
         ablation, analysis, sections, paths = make_ablation(_client(tracking_uri), target, metric=metric,
-                                                            split=split, out=out)
+                                                            split=split, out=out, reference=reference)
     where = f"ablation: {paths[0]}" + (f" (also logged to run {ablation.parent_run_id} under ablation/)"
                                        if ablation.parent_run_id else "")
     if fmt == "json":

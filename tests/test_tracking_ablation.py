@@ -113,6 +113,19 @@ def test_alpha_exists_only_for_gce_so_the_loss_is_one_factor_and_alpha_is_analys
     assert importance(obs, factors).scores[0][0] == "ε"  # α is part of the loss factor there, not a column
 
 
+def test_a_loss_option_is_part_of_the_loss_level_as_papers_name_it():
+    # CE and COT log "loss.kwargs" = "{}" (no options); label smoothing logs its option, flattened.
+    params = [{"loss.name": "ce", "loss.kwargs": "{}"}, {"loss.name": "cot", "loss.kwargs": "{}"},
+              {"loss.name": "label_smoothing", "loss.kwargs.smoothing": "0.1"},
+              {"loss.name": "label_smoothing", "loss.kwargs.smoothing": "0.3"},
+              {"loss.name": "gce", "loss.alpha": "0.3333333333333333", "loss.kwargs": "{}"}]
+    factors, levels = ablation.factors_of(params)
+    assert [f.key for f in factors] == [LOSS]  # no separate "kwargs" factor
+    assert factors[0].levels[0] == "CE" and set(factors[0].levels) == {"CE", "COT", "LS ε=0.1", "LS ε=0.3",
+                                                                       "GCE α=1/3"}
+    assert [lv[LOSS] for lv in levels] == ["CE", "COT", "LS ε=0.1", "LS ε=0.3", "GCE α=1/3"]
+
+
 def test_one_seed_falls_back_to_cells_and_nothing_to_match_to_welch():
     one_seed = [o for o in study(random.Random(5)) if o.seed == "0"]
     gain = contrast(one_seed, [LOSS_F, EPS_F], LOSS_F, "GCE α=1/3", "CE")
@@ -230,6 +243,16 @@ def test_ablate_json_of_a_whole_experiment_by_sweep_id_and_by_name(logged, tmp_p
                                        "--tracking-uri", uri])
     assert by_name.exit_code == 0, by_name.output
     assert (tmp_path / "b" / "ablation.md").exists() and (tmp_path / "b" / "main_effects.png").exists()
+    # Against another reference (a control, say): the same contrast, the other way round.
+    against = CliRunner().invoke(app, ["ablate", sweep, "--format", "json", "--reference", "GCE α=1/3",
+                                       "--out", str(tmp_path / "c"), "--tracking-uri", uri])
+    assert against.exit_code == 0, against.output
+    loss = next(e for e in json.loads(against.stdout)["main_effects"] if e["factor"] == "loss")
+    assert loss["vs_reference"]["CE"]["mean"] == pytest.approx(-(0.10 + 0.002 / 3), abs=1e-9)
+    unknown = CliRunner().invoke(app, ["ablate", sweep, "--reference", "LS", "--out", str(tmp_path / "d"),
+                                       "--tracking-uri", uri])
+    assert unknown.exit_code == 1 and "--reference 'LS' is not a loss of these runs; their losses: 'CE', " \
+        "'GCE α=1/3'" in unknown.output
 
 
 def test_ablate_errors_are_one_line_naming_what_is_missing(logged, tmp_path):

@@ -65,10 +65,13 @@ def config_label(params: Mapping[str, object], varying: Iterable[str]) -> str:
     (``GCE α=1/3``), then every other varying factor as ``name=value``."""
     varying = [k for k in varying if k not in ("seed", "sweep.point")]
     parts = []
-    if any(k == "loss.name" or k == "loss.alpha" or k.startswith("loss.kwargs.") for k in varying):
+    def of_loss(key: str) -> bool:  # "loss.kwargs" itself: logged as "{}" by runs whose loss takes no option
+        return key in ("loss.name", "loss.alpha", "loss.kwargs") or key.startswith("loss.kwargs.")
+
+    if any(of_loss(k) for k in varying):
         parts.append(loss_label(params))
     for key in varying:
-        if key in ("loss.name", "loss.alpha") or key.startswith("loss.kwargs."):
+        if of_loss(key):
             continue
         value = params.get(key)
         if key == "model.name" or key == "data.dataset":

@@ -42,10 +42,11 @@ __all__ = ["CONFIDENCE", "EPS", "LOSS", "Ablation", "AblationError", "Analysis",
 
 
 def make_ablation(client, target: str, *, metric: str | None = None, split: str = "test",
-                  out: str | Path | None = None) -> tuple[Ablation, Analysis, list[Section], list[Path]]:
+                  out: str | Path | None = None, reference: str | None = None
+                  ) -> tuple[Ablation, Analysis, list[Section], list[Path]]:
     """Load, analyse and write ``ablation.md`` and the plots to ``out`` (default reports/<sweep id or
     experiment>/ablation); a sweep's are also logged to its parent run under ``ablation/``."""
-    ablation = load_ablation(client, target, metric=metric, split=split)
+    ablation = load_ablation(client, target, metric=metric, split=split, reference=reference)
     analysis = analyse(ablation)
     sections, figures = ablation_sections(ablation, analysis)
     folder = Path(out) if out else Path("reports") / (ablation.sweep_id or ablation.experiment) / "ablation"

@@ -9,6 +9,7 @@ have it (``α``, GCE runs only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -43,10 +44,12 @@ class AblationError(QueryError):
     line, and the report a note in place of the ablation."""
 
 
-def load_ablation(client, target: str, *, metric: str | None = None, split: str = "test") -> Ablation:
+def load_ablation(client, target: str, *, metric: str | None = None, split: str = "test",
+                  reference: str | None = None) -> Ablation:
     """The observations of ``target`` (``tracking.queries.resolve_target``): its finished trial runs × the ε of
-    ``metric`` (default: the sweep's objective). AblationError when the target is unknown, there are no finished
-    runs, none has the metric, or nothing but the seed varies across them."""
+    ``metric`` (default: the sweep's objective). ``reference``: the loss every other is compared with (default
+    CE; e.g. a control, ``LS ε=0.1``). AblationError when the target is unknown, there are no finished runs, none
+    has the metric, nothing but the seed varies across them, or the reference is no loss of theirs."""
     try:
         experiment, sweep_id, parent = resolve_target(client, target)
     except QueryError as err:
@@ -73,6 +76,8 @@ def load_ablation(client, target: str, *, metric: str | None = None, split: str 
     params = [{k: v for k, v in r.data.params.items() if not SEED_PARAM.search(k) and k != "sweep.point"}
               for r, _ in kept]
     factors, levels = factors_of(params)
+    if reference is not None:
+        factors = _with_reference(factors, reference)
     radii = sorted({e for _, values in kept for e in values if e is not None}, key=float)
     if len(radii) > 1:
         factors.append(Factor(EPS, "ε", tuple(radii), reference=radii[0]))
@@ -136,6 +141,15 @@ def factors_of(params: list[dict[str, str]]) -> tuple[list[Factor], list[dict[st
             ["absent in some runs: level –"] if any(p.get(k) is None for p in params for k in keys) else [])
         factors.append(Factor(fkey, ", ".join(factor_label(k) for k in keys), order, note="; ".join(notes)))
     return factors, levels
+
+
+def _with_reference(factors: list[Factor], reference: str) -> list[Factor]:
+    """The loss factor compared with ``reference`` instead of CE."""
+    loss = next((f for f in factors if f.key == LOSS), None)
+    if loss is None or reference not in loss.levels:
+        known = ", ".join(repr(level) for level in loss.levels) if loss else "none (the loss does not vary)"
+        raise AblationError(f"--reference {reference!r} is not a loss of these runs; their losses: {known}")
+    return [dataclasses.replace(f, reference=reference) if f is loss else f for f in factors]
 
 
 def _alpha(params: Mapping[str, str]) -> str | None:
