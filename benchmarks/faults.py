@@ -236,6 +236,9 @@ def check(sandbox: Sandbox, sweep: int, logs: list[Path]) -> list[str]:
             points = client.get_metric_history(run.info.run_id, key)
             if len(points) != 1:
                 problems.append(f"{sweep_id}: run {rid} {key} stored {len(points)} times")
+        contexts = sorted(t.value for i in run.inputs.dataset_inputs for t in i.tags)
+        if contexts != ["test", "train", "validation"]:  # its data lineage, once per split
+            problems.append(f"{sweep_id}: run {rid} dataset inputs {contexts} (want train, validation, test once)")
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     if running:
         problems.append(f"{sweep_id}: {len(running)} run(s) left RUNNING in the experiment")
