@@ -204,7 +204,16 @@ class RunLogger:
             source = json.dumps({"source": split.source or "unknown", "dataset": name})
             dataset = Dataset(f"{name}-{context}", content_digest(split), "gce", source, profile=json.dumps(profile))
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-        self.delivery.call(self.client.log_inputs, run_id, inputs)
+        for attempt in range(4):
+            try:
+                self.delivery.call(self.client.log_inputs, run_id, inputs)
+                break
+            except MlflowException as err:
+                # Two trials on the same data logging at once: the server inserts the shared dataset row twice and
+                # refuses the second (its check-then-insert is not atomic). Again, it finds the row and links it.
+                if attempt == 3 or not _concurrent_insert(err):
+                    raise
+                time.sleep(0.1 * (attempt + 1))
         self.set_tags(run_id, {DATA_DIGEST_TAG: data.digest})
 
     def flush(self) -> None:
@@ -325,6 +334,12 @@ def _git(*args: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _concurrent_insert(err: MlflowException) -> bool:
+    """The server lost a race to insert a row another request inserted first (SQLite's or PostgreSQL's words)."""
+    text = str(err)
+    return "UNIQUE constraint failed" in text or "duplicate key value" in text or "IntegrityError" in text
 
 
 def _param_value(value: object) -> str:
