@@ -285,3 +285,22 @@ def test_gce_attack_loss_has_finite_gradients_even_when_saturated(factor, model,
     assert torch.isfinite(x_adv).all()
     if factor == 1.0:
         assert accuracy(confident, x_adv, y) < accuracy(confident, x, y) - 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name, norm, eps", [("fgsm", None, 0.3), ("pgd", None, 0.3), ("mim", None, 0.1),
+                                             ("pgd", "l2", 1.5)])
+def test_low_precision_inputs_stay_inside_the_ball_after_the_final_cast(dtype, name, norm, eps):
+    """Attacks run in float32; the result is rounded to the input's dtype, which used to leave the ε-ball
+    (FGSM ε = 0.3 on bf16: max |δ| = 0.3018). Measured in float64, every example must be inside."""
+    from gce.attacks import AttackConfig, build_attack
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x, y = torch.rand(128, 1, 28, 28).to(dtype), torch.randint(0, 10, (128,))
+    x_adv = build_attack(AttackConfig(name=name, eps=eps, norm=norm, steps=5))(model, x, y)
+    assert x_adv.dtype == dtype and x_adv.min() >= 0 and x_adv.max() <= 1
+    delta = x_adv.double() - x.double()
+    size = delta.abs().amax(dim=(1, 2, 3)) if norm is None else delta.flatten(1).norm(dim=1)
+    assert size.max().item() <= eps, size.max().item()
+    assert size.max().item() > 0.9 * eps  # it still attacks: the fix moves rounding, not the budget

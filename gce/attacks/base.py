@@ -16,6 +16,7 @@ Conventions, for every attack in this package:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar
@@ -95,6 +96,31 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
     delta = x_adv - x
     factor = torch.clamp(eps / _per_example_norm(delta).clamp_min(1e-12), max=1.0)  # no 0/0 when ε = ‖δ‖ = 0
     return (x + delta * factor).clamp(0.0, 1.0)
+
+
+def cast_into_ball(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
+    """``x_adv`` (float32) in the dtype of ``x``, still inside the threat model *after* the rounding.
+
+    Attacks run in float32; rounding the result to bf16/fp16 can land a coordinate up to half a unit in the last
+    place outside [x − ε, x + ε] (FGSM ε = 0.3 on bf16: |δ| = 0.3018). Measured in float64 (exact for every float
+    dtype), such a coordinate is moved one representable step back towards x; an L2 perturbation is shrunk until
+    its rounded norm fits."""
+    out = x_adv.to(x.dtype)
+    if out.dtype == x_adv.dtype or not math.isfinite(eps):
+        return out
+    x64 = x.double()
+    if norm == "linf":
+        outside = (out.double() - x64).abs() > eps
+        return torch.where(outside, torch.nextafter(out, x), out)
+    delta = x_adv.double() - x64
+    for _ in range(16):
+        norms = _per_example_norm(out.double() - x64)
+        over = norms > eps
+        if not over.any():
+            break
+        delta = torch.where(over, delta * (eps / norms) * (1 - 2.0 ** -8), delta)
+        out = (x64 + delta).clamp(0.0, 1.0).to(x.dtype)
+    return out
 
 
 def random_start_point(x: Tensor, eps: float, norm: str) -> Tensor:
@@ -205,7 +231,7 @@ class Attack:
             x_adv = self.perturb(model, x32, y)
             if self.restarts > 1:
                 x_adv = self._restart(model, x32, y, x_adv)
-        return x_adv.detach().to(x.dtype)
+        return cast_into_ball(x_adv.detach(), x, self.eps, self.norm)
 
     def _restart(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
         with torch.no_grad():
