@@ -82,7 +82,7 @@ class LossConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # the loss's own options: label smoothing's smoothing, …
 
     def __post_init__(self) -> None:
-        from gce.losses import LOSSES, NORMALIZATIONS, loss_options
+        from gce.losses import LOSSES, NORMALIZATIONS, get_loss, loss_options
 
         _require(self.name in LOSSES, "loss.name", f"one of {sorted(LOSSES)}", self.name)
         _require(isinstance(self.kwargs, dict), "loss.kwargs", "a mapping of the loss's options", self.kwargs)
@@ -92,8 +92,6 @@ class LossConfig:
                      f"an option of loss {self.name!r} (its options: {sorted(known) or 'none'})", key)
         if self.kwargs:  # the loss checks its own values: try them once on a tiny batch, before any training
             import torch
-
-            from gce.losses import get_loss
 
             try:
                 get_loss(self.name, kwargs=self.kwargs)(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))

@@ -194,15 +194,13 @@ class RunLogger:
         """The run's train, validation and test splits as MLflow dataset inputs (the UI's Datasets column,
         ``datasets.*`` search): each with a digest of its own content, its size and where it came from. The
         server keeps one input per (dataset, digest), so a retried trial logging them again adds nothing."""
-        from gce.data import content_digest  # torch: only trials need it, not the query commands
-
         name = data.info.name
         inputs = []
         for context, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
             profile = {"num_examples": len(split), "shape": list(split.images.shape[1:]),
                        "classes": data.info.num_classes, "dataset_digest": data.digest}
             source = json.dumps({"source": split.source or "unknown", "dataset": name})
-            dataset = Dataset(f"{name}-{context}", content_digest(split), "gce", source, profile=json.dumps(profile))
+            dataset = Dataset(f"{name}-{context}", split.digest, "gce", source, profile=json.dumps(profile))
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
         for attempt in range(4):
             try:

@@ -150,6 +150,11 @@ def compare_runs(client: MlflowClient, experiment: str, metric: str = DEFAULT_ME
     return sorted(groups.values(), key=rank)
 
 
+def sweep_filter(sweep_id: str | None) -> str:
+    """The search filter of one sweep's runs ("" for a whole experiment)."""
+    return f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+
+
 def data_mismatch(groups: Iterable[Group]) -> str | None:
     """A warning when the compared runs were trained on different data (their ``gce.data_digest`` differs:
     other files, another version of a package's data): their numbers are not comparable. None otherwise."""

@@ -14,6 +14,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -168,3 +169,18 @@ def _wide(png: bytes) -> str:
         return ""
     width, height = struct.unpack(">II", png[16:24])
     return ' class="wide"' if width > 2 * height else ""
+
+
+def write(doc, out_dir: str | Path, stem: str, *, html_too: bool = True) -> list[Path]:
+    """``<stem>.md`` (and ``<stem>.html``) and the document's PNGs in ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.md"]
+    paths[0].write_text(to_markdown(doc))
+    if html_too:
+        paths.append(out / f"{stem}.html")
+        paths[1].write_text(to_html(doc))
+    for name, png in doc.figures.items():
+        (out / name).write_bytes(png)
+        paths.append(out / name)
+    return paths

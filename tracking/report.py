@@ -18,9 +18,8 @@ from pathlib import Path
 
 from gce.metrics import parse_robust
 from tracking.labels import config_label, factor_label, value_label
-from tracking.logger import SWEEP_TAG
-from tracking.queries import Group, compare_runs, resolve_target, varying_params
-from tracking.render import Section, Table, to_html, to_markdown
+from tracking.queries import Group, compare_runs, resolve_target, sweep_filter, varying_params
+from tracking.render import Section, Table, to_html, to_markdown, write
 from tracking.report_figures import OWN
 from tracking.report_sections import answer_section, clean_section, diagnostics_section, full_table_section
 
@@ -113,7 +112,7 @@ def build_report(client, experiment: str, *, sweep_id: str | None = None, split:
                  extra: Extra | None = None) -> Report:
     """Group the finished trials of ``experiment`` (of one sweep if given) and write their results up.
     ``extra``: sections placed right after the answer (see ``Extra``); figure names must be unique."""
-    where = f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+    where = sweep_filter(sweep_id)
     groups = compare_runs(client, experiment, metric="val/robust_acc/worst_case", filter_string=where)
     if not groups:
         raise ValueError(f"no finished trial runs in experiment {experiment!r}" + (f" for sweep {sweep_id}"
@@ -153,15 +152,7 @@ def _setup(groups: list[Group], labels: list[str], varying: list[str], split: st
 
 def write_report(report: Report, out_dir: str | Path) -> list[Path]:
     """report.md, report.html and the PNGs in ``out_dir``; returns the paths written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "report.md", out / "report.html"]
-    paths[0].write_text(to_markdown(report))
-    paths[1].write_text(to_html(report))
-    for name, png in report.figures.items():
-        (out / name).write_bytes(png)
-        paths.append(out / name)
-    return paths
+    return write(report, out_dir, "report")
 
 
 def make_report(client, target: str, out: str | Path | None = None, *, split: str = "test",

@@ -37,12 +37,10 @@ def sweep_view(sweep_id: str, factors: Iterable[str], metrics: Iterable[str], or
             "selectedColumns": columns}
 
 
-def share_key(sweep_id: str) -> str:
-    return sweep_id  # letters, digits, _ . - (the spec name's pattern, a timestamp, hex): a valid tag name
-
-
 def view_tag(sweep_id: str) -> str:
-    return SHARED_VIEW_PREFIX + share_key(sweep_id)
+    """The sweep id is the share key: letters, digits, _ . - (the spec name's pattern, a timestamp, hex), which a
+    tag name allows."""
+    return SHARED_VIEW_PREFIX + sweep_id
 
 
 def sweep_url(tracking_uri: str, experiment_id: str, sweep_id: str) -> str:
@@ -50,7 +48,7 @@ def sweep_url(tracking_uri: str, experiment_id: str, sweep_id: str) -> str:
     if not tracking_uri.startswith("http"):
         return tracking_uri
     base = tracking_uri.rstrip("/")
-    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(share_key(sweep_id))}"
+    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={quote(sweep_id)}"
             f"&{WORKFLOW}")
 
 

@@ -33,7 +33,7 @@ from tracking.ablation.importance import Importance, importance
 from tracking.ablation.load import AblationError, factors_of, load_ablation
 from tracking.ablation.sections import ablation_figures, ablation_json, ablation_sections
 from tracking.queries import resolve_target as resolve
-from tracking.render import Section, to_markdown
+from tracking.render import Section, write
 
 __all__ = ["CONFIDENCE", "EPS", "LOSS", "Ablation", "AblationError", "Analysis", "Estimate", "Factor", "Importance",
            "Interaction", "MainEffect", "Observation", "ablation_figures", "ablation_json", "ablation_sections",
@@ -50,12 +50,8 @@ def make_ablation(client, target: str, *, metric: str | None = None, split: str 
     analysis = analyse(ablation)
     sections, figures = ablation_sections(ablation, analysis)
     folder = Path(out) if out else Path("reports") / (ablation.sweep_id or ablation.experiment) / "ablation"
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "ablation.md"]
-    paths[0].write_text(to_markdown(SimpleNamespace(title=ablation.title, sections=sections, figures=figures)))
-    for name, png in figures.items():
-        (folder / name).write_bytes(png)
-        paths.append(folder / name)
+    doc = SimpleNamespace(title=ablation.title, sections=sections, figures=figures)
+    paths = write(doc, folder, "ablation", html_too=False)
     if ablation.parent_run_id is not None:
         for path in paths:
             client.log_artifact(ablation.parent_run_id, str(path), "ablation")

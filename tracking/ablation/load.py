@@ -23,7 +23,7 @@ from gce.metrics import SPLITS, format_eps, parse_robust, worst_case_key
 from tracking.ablation.analysis import Ablation
 from tracking.ablation.effects import EPS, LOSS, Factor, Observation, _natural
 from tracking.labels import config_label, factor_label, value_label
-from tracking.logger import ROLE_TAG, SWEEP_TAG, metric_key
+from tracking.logger import ROLE_TAG, metric_key
 from tracking.queries import (
     DEFAULT_METRIC,
     SEED_PARAM,
@@ -31,6 +31,7 @@ from tracking.queries import (
     compare_runs,
     experiment_id,
     resolve_target,
+    sweep_filter,
     varying_params,
 )
 
@@ -54,7 +55,7 @@ def load_ablation(client, target: str, *, metric: str | None = None, split: str 
         experiment, sweep_id, parent = resolve_target(client, target)
     except QueryError as err:
         raise AblationError(str(err)) from err
-    where = f"tags.`{SWEEP_TAG}` = '{sweep_id}'" if sweep_id else ""
+    where = sweep_filter(sweep_id)
     runs = [r for g in compare_runs(client, experiment, filter_string=where) for r in g.runs]
     scope = f"sweep {sweep_id}" if sweep_id else f"experiment {experiment!r}"
     if not runs:
