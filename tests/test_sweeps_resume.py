@@ -59,18 +59,19 @@ def test_kill_driver_then_resume(mlflow_server, tmp_path, record_property):
                 found = [p.name for p in results.glob("resume-*")] if results.exists() else []
                 sweep_id = found[0] if found else None
                 continue
-            runs = trial_runs(client, sweep_id)
-            finished = [r for r in runs if r.info.status == "FINISHED"]
-            running = [r for r in runs if r.info.status == "RUNNING"]
-            if finished and running and len(client.get_metric_history(running[0].info.run_id, "train/loss")) >= 2 \
-                    and _state_names_a_checkpoint(results / sweep_id, running[0].data.tags["gce.trial_id"]):
+            if not _kill_point(client, sweep_id, results):
+                continue
+            # Freeze the whole tree, then look again: a trial in its last epoch could otherwise finish (its
+            # worker outlives the driver for a moment) between the look and the kill (seen once in CI).
+            ray_pids = descendants(driver.pid)
+            signal_all([driver.pid, *ray_pids], signal.SIGSTOP)
+            if _kill_point(client, sweep_id, results):
                 break
+            signal_all([driver.pid, *ray_pids], signal.SIGCONT)
         else:
             pytest.fail("the sweep never reached the point to kill it")
-        ray_pids = descendants(driver.pid)
-        os.kill(driver.pid, signal.SIGKILL)
+        kill_all([driver.pid, *ray_pids])  # a dead driver's orphans ignore SIGTERM (ENVIRONMENT.md)
         driver.wait(timeout=30)
-        kill_all(ray_pids)  # what a dead driver leaves behind (ENVIRONMENT.md: orphans ignore SIGTERM)
         before = {r.data.tags["gce.trial_id"]: r for r in trial_runs(client, sweep_id)}
         done_before = {t for t, r in before.items() if r.info.status == "FINISHED"}
         interrupted = {t for t, r in before.items() if r.info.status == "RUNNING"}
@@ -153,6 +154,21 @@ def test_kill_before_tune_saved_anything_then_resume(mlflow_server, tmp_path):
                               f"tags.`{SWEEP_TAG}` = '{sweep_id}'")
     assert Counter(r.data.tags[ROLE_TAG] for r in runs) == {"sweep": 1, "trial": 3}
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def _kill_point(client: MlflowClient, sweep_id: str, results) -> bool:
+    """One trial finished and the next mid-training with a checkpoint Tune's state already names."""
+    runs = trial_runs(client, sweep_id)
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    return any(r.info.status == "FINISHED" for r in runs) and bool(running) \
+        and len(client.get_metric_history(running[0].info.run_id, "train/loss")) >= 2 \
+        and _state_names_a_checkpoint(results / sweep_id, running[0].data.tags["gce.trial_id"])
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _state_names_a_checkpoint(folder, trial_id: str) -> bool:
