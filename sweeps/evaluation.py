@@ -35,7 +35,7 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     ev = spec.evaluation
     model, data = trainer.model, trainer.data
     batch_size = ev.resolved_batch_size(trainer.device)
-    attacks = [cfg for attack in ev.attacks for cfg in attack.configs()]
+    attacks = ev.attack_configs()
     run = dict(train_loss=trainer.loss_fn, standalone=ev.standalone, primary_eps=ev.primary_eps,
                batch_size=batch_size, max_examples=ev.max_examples, seed=trainer.config.seed)
     metrics: dict[str, float] = {}

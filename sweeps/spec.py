@@ -62,6 +62,10 @@ class EvaluationSpec(_Strict):
     checks: bool = True  # gradient-masking diagnostics per trial
     plots: bool = True  # per-trial PNGs (curves, confusion, embedding, examples): ~1 s of matplotlib a trial
 
+    def attack_configs(self) -> list[Any]:
+        """Every ``gce.attacks.AttackConfig`` this evaluation runs, one per attack and ε."""
+        return [cfg for attack in self.attacks for cfg in attack.configs()]
+
     def resolved_batch_size(self, device) -> int:
         if self.batch_size != "auto":
             return self.batch_size
