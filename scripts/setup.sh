@@ -14,4 +14,6 @@ fi
 .venv/bin/python -m pip install -q -c constraints/local.txt -e '.[dev]'
 # Test-only reference implementation; it pins an old `requests`, so never let it touch dependencies.
 .venv/bin/python -m pip install -q --no-deps torchattacks==3.5.1
+# The original AutoAttack code (fra31/auto-attack), for the agreement test and the evaluation benchmark.
+.venv/bin/python -m pip install -q --no-deps pyautoattack==0.2.0
 echo "$want" > "$stamp"

@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, LossFn, ascent_direction, project
+from gce.attacks.base import Attack, LossFn, ascent_direction, logits_of, project
 from gce.validation import check_int, check_number
 
-__all__ = ["APGD"]
+__all__ = ["APGD", "APGDTargeted", "dlr_targeted"]
 
 
 class APGD(Attack):
@@ -94,8 +94,25 @@ class APGD(Attack):
         x_previous = x_adv.clone()
         best_at_check, halved_at_check = best.clone(), torch.ones(n, dtype=torch.bool, device=x.device)
         since_check = 0
+        # Early stop: a fooled example's answer is the iterate that fooled it, so it leaves the working batch
+        # and no later step is spent on it; the rest follow exactly the trajectories they would have had.
+        out, where = x.clone(), torch.arange(n, device=x.device)
 
         for i in range(self.steps):
+            if self.early_stop and bool(fooled.any()):
+                keep = ~fooled
+                out[where[fooled]] = x_fooling[fooled]
+                where = where[keep]
+                if where.numel() == 0:
+                    return out
+                x, y, x_adv, x_previous, grad, objective = x[keep], y[keep], x_adv[keep], x_previous[keep], \
+                    grad[keep], objective[keep]
+                x_fooling, x_best, best, grad_best, fooled = x_fooling[keep], x_best[keep], best[keep], \
+                    grad_best[keep], fooled[keep]
+                history, step = history[:, keep], step[keep]
+                best_at_check, halved_at_check = best_at_check[keep], halved_at_check[keep]
+                shape = (where.numel(), *shape[1:])
+                self._compact(keep)
             with torch.no_grad():
                 momentum = 0.75 if i > 0 else 1.0
                 last_move, x_previous = x_adv - x_previous, x_adv
@@ -126,4 +143,76 @@ class APGD(Attack):
                     grad = torch.where(halve.view(shape), grad_best, grad)
                     since_check, k = 0, max(k - k_decrease, k_min)
 
-        return torch.where(fooled.view(shape), x_fooling, x_best)
+        out[where] = torch.where(fooled.view(shape), x_fooling, x_best)
+        return out
+
+    def _compact(self, keep: Tensor) -> None:
+        """Hook for subclasses holding per-example state of their own (APGD-T's targets)."""
+
+
+class APGDTargeted(APGD):
+    r"""APGD-T, AutoAttack's targeted APGD (Croce & Hein 2020, https://arxiv.org/abs/2003.01690, Sec. 4).
+
+    For each of the ``targets`` runner-up classes of the clean logits (the 2nd highest, then the 3rd, ...),
+    APGD minimises the targeted DLR loss −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2) on the examples no earlier
+    target has fooled. The interface is untargeted: ``y`` holds the true labels and success means
+    misclassified (into any class), as in AutoAttack. ``steps`` = 100 and one run per target make AutoAttack's
+    standard version.
+
+    Arguments:
+        eps, norm, steps, random_start, rho: as for ``APGD``.
+        targets (int): how many target classes (AutoAttack's ``n_target_classes``). (Default: 9)
+        restarts (int): runs per target, on the examples still unfooled. (Default: 1)
+    """
+
+    name: ClassVar[str] = "apgd_t"
+    default_loss: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        eps: float,
+        *,
+        norm: str | None = None,
+        steps: int = 100,
+        targets: int = 9,
+        random_start: bool | None = None,
+        restarts: int = 1,
+        rho: float = 0.75,
+    ) -> None:
+        super().__init__(eps, norm=norm, steps=steps, random_start=random_start, rho=rho, loss_fn=dlr_targeted)
+        check_int("targets", targets)
+        self.targets, self.runs = targets, restarts
+        self._target: Tensor | None = None
+
+    def objective(self, logits: Tensor, y: Tensor) -> Tensor:
+        return dlr_targeted(logits, y, self._target)
+
+    def _compact(self, keep: Tensor) -> None:
+        self._target = self._target[keep]
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        logits = logits_of(model, x)
+        if self.targets > logits.shape[1] - 1:
+            raise ValueError(f"targets must be at most classes - 1 = {logits.shape[1] - 1}; got {self.targets}")
+        order = logits.argsort(dim=1, descending=True)
+        out, fooled = x.clone(), logits.argmax(1) != y
+        for rank in range(1, self.targets + 1):
+            for _ in range(self.runs):
+                todo = (~fooled).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    return out
+                self._target = order[todo, rank]
+                candidate = APGD.perturb(self, model, x[todo], y[todo])
+                now = logits_of(model, candidate).argmax(1) != y[todo]
+                out[todo[now]], fooled[todo[now]] = candidate[now], True
+        self._target = None
+        return out
+
+
+def dlr_targeted(logits: Tensor, y: Tensor, target: Tensor, reduction: str = "none") -> Tensor:
+    """Targeted DLR, −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12): AutoAttack's APGD-T loss (maximised)."""
+    z = logits.float()
+    top = z.topk(4, dim=1).values
+    rows = torch.arange(len(y), device=z.device)
+    loss = -(z[rows, y] - z[rows, target]) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+    return loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()

@@ -9,15 +9,18 @@ from dataclasses import dataclass, fields
 
 from torch import Tensor, nn
 
-from gce.attacks.apgd import APGD
+from gce.attacks.apgd import APGD, APGDTargeted
+from gce.attacks.autoattack import AutoAttack
 from gce.attacks.base import Attack, LossFn
 from gce.attacks.bim import BIM
 from gce.attacks.cw import CWL2
+from gce.attacks.fab import FAB, FABTargeted
 from gce.attacks.fgsm import FGSM
 from gce.attacks.jsma import JSMA
 from gce.attacks.losses import get_attack_loss
 from gce.attacks.mim import MIM
 from gce.attacks.pgd import PGD
+from gce.attacks.square import Square
 from gce.losses import cross_entropy
 
 __all__ = ["ATTACKS", "AttackConfig", "build_attack"]
@@ -31,7 +34,12 @@ ATTACKS: dict[str, type[Attack]] = {
     "mim": MIM,
     "cw_l2": CWL2,
     "apgd": APGD,
+    "apgd_t": APGDTargeted,
+    "autoattack": AutoAttack,
     "jsma": JSMA,
+    "fab": FAB,
+    "fab_t": FABTargeted,
+    "square": Square,
 }
 
 @dataclass
@@ -48,6 +56,10 @@ class AttackConfig:
     - ``alpha``, ``normalization``: GCE's α and normaliser when ``loss == "gce"``.
     - ``kappa``: confidence of the "cw" margin loss and of cw_l2; ``c``, ``binary_search_steps``: cw_l2.
     - ``decay``: MIM's momentum; ``theta``: JSMA's per-feature change.
+    - ``targets``: how many target classes apgd_t and fab_t try (the runner-up classes of the clean logits,
+      AutoAttack's ``n_target_classes``; None = 9).
+    - ``queries``, ``p_init``: Square's query budget and initial square size (None = 5000 and 0.8).
+    - ``version``: autoattack's attack list, "standard" | "plus" | "rand" (None = "standard").
     """
 
     name: str = "pgd"
@@ -66,6 +78,10 @@ class AttackConfig:
     binary_search_steps: int = 5
     decay: float = 1.0
     theta: float = 1.0
+    targets: int | None = None
+    queries: int | None = None
+    p_init: float | None = None
+    version: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ATTACKS:
@@ -93,6 +109,8 @@ class AttackConfig:
             parts.append(f"gce{alpha:g}" if self.loss == "gce" and not math.isclose(alpha, 1 / 3) else self.loss)
         if self.targeted:
             parts.append("targeted")
+        if self.version not in (None, "standard"):
+            parts.append(self.version)
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, object]:

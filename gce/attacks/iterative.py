@@ -94,10 +94,25 @@ class IterativeAttack(Attack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         x_adv = random_start_point(x, self.eps, self.norm) if self.random_start else x.clone()
         state = self.rule.start(x)
-        for _ in range(self.steps):
-            grad, _, _ = self.gradient(model, x_adv, y)
+        out, where = None, None
+        for i in range(self.steps):
+            grad, _, logits = self.gradient(model, x_adv, y)
+            if self.early_stop and i > 0:  # an iterate that fools is the answer: it leaves the working batch
+                fooled = self.fooled(logits, y)
+                if bool(fooled.any()):
+                    if out is None:
+                        out, where = x_adv.clone(), torch.arange(len(y), device=x.device)
+                    out[where[fooled]] = x_adv[fooled]
+                    keep = ~fooled
+                    where, x, y, x_adv, grad = where[keep], x[keep], y[keep], x_adv[keep], grad[keep]
+                    state = None if state is None else state[keep]
+                    if where.numel() == 0:
+                        return out
             with torch.no_grad():
                 direction, state = self.rule(grad, state)
                 x_adv = x_adv + self.step_size * ascent_direction(direction, self.norm)
                 x_adv = project(x_adv, x, self.eps, self.norm)
-        return x_adv
+        if out is None:
+            return x_adv
+        out[where] = x_adv
+        return out
