@@ -10,7 +10,8 @@ Keys, by family (``<split>`` is ``val`` or ``test``; L∞ is the default norm an
 - per epoch: ``train/loss``, ``train/acc``, ``train/images_per_s``, ``train/epoch_time_s``, ``train/lr``,
   ``val/loss``, ``val/clean_acc``, ``epoch``;
 - robustness: ``<split>/clean_acc``, ``<split>/robust_acc/<attack label>/eps_<ε>`` (``robust_acc_chain/`` for
-  the cumulative numbers of AutoAttack's chain), ``<split>/robust_acc/worst_case[-<norm>]/eps_<ε>``, and the
+  the cumulative numbers of a chain: a non-standalone evaluation, and AutoAttack's members
+  ``autoattack.<member>``), ``<split>/robust_acc/worst_case[-<norm>]/eps_<ε>``, and the
   headline ``<split>/robust_acc/worst_case`` at the primary threat model; ``<split>/eval_n``, and
   ``val/eval_clean_acc`` (the attacked subsample's clean accuracy: ``val/clean_acc`` is the whole split's);
 - latent clusters: ``val/latent/<silhouette | inter_class | intra_class | inter_intra_ratio>``;
@@ -160,6 +161,10 @@ def expected(attacks: Iterable, *, test: bool = True, standalone: bool = True, c
         for cfg in attacks:
             keys.add(robust_key(split, cfg.label(), cfg.eps, chain=not standalone))
             keys.add(worst_case_key(split, norms[id(cfg)], cfg.eps))
+            if cfg.name == "autoattack":  # its members' cumulative numbers
+                from gce.attacks.autoattack import member_labels
+
+                keys |= {robust_key(split, label, cfg.eps, chain=True) for label in member_labels(cfg.version)}
     # Diagnostics run when the headline threat model is L∞ (the primary norm is L∞ whenever an attack uses it).
     families = (CHECK_PREFIX,) if checks and "linf" in norms.values() else ()
     return MetricSet(frozenset(keys), families + ((SYSTEM_PREFIX,) if system else ()))

@@ -36,7 +36,7 @@ def evaluate_trial(spec: SweepSpec, trainer: Trainer, logger: RunLogger, run_id:
     model, data = trainer.model, trainer.data
     batch_size = ev.resolved_batch_size(trainer.device)
     attacks = ev.attack_configs()
-    run = dict(train_loss=trainer.loss_fn, standalone=ev.standalone, primary_eps=ev.primary_eps,
+    run = dict(train_loss=trainer.loss_fn, standalone=ev.standalone, primary_eps=ev.primary_eps, fast=ev.fast,
                batch_size=batch_size, max_examples=ev.max_examples, seed=trainer.config.seed)
     metrics: dict[str, float] = {}
     val = evaluate_robustness(model, data.val, attacks, **run)

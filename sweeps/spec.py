@@ -50,21 +50,70 @@ class AttackSpec(_Strict):
         return [AttackConfig(name=self.name, eps=e, **extra) for e in self.eps]
 
 
+def _norm(cfg: Any) -> str:
+    from gce.evaluate import norm_of
+
+    return norm_of(cfg)
+
+
+class AutoAttackSpec(_Strict):
+    """AutoAttack's chain at each ε (``gce.attacks.autoattack``); a bare string names the version."""
+
+    version: Literal["standard", "plus"] = "standard"
+    eps: list[Annotated[float, Field(gt=0)]] | None = None  # None = the radii of the other attacks of this norm
+    norm: Literal["linf", "l2"] = "linf"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_version(cls, v: Any) -> Any:
+        return {"version": v} if isinstance(v, str) else v
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 class EvaluationSpec(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
+    autoattack: AutoAttackSpec | None = None  # AutoAttack standard/plus, beside (or instead of) the attacks
     max_examples: Annotated[int, Field(ge=1)] = 1000  # per split: robust evaluation is the costly part
     # auto: every evaluated example in one batch on an accelerator (attacks halve it on out-of-memory), 500 on
     # the CPU, where bigger batches buy nothing
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     standalone: bool = True  # every attack on every point (exact per-attack numbers) vs AutoAttack-style chain
+    fast: bool = True  # early stop and nested radii (gce.evaluate); false = the final-iterate numbers exactly
     primary_eps: float | None = None  # the ε of val/robust_acc/worst_case; None = the largest
     test: bool = True  # also evaluate the test split (reported beside; selection uses val)
     checks: bool = True  # gradient-masking diagnostics per trial
     plots: bool = True  # per-trial PNGs (curves, confusion, embedding, examples): ~1 s of matplotlib a trial
 
-    def attack_configs(self) -> list[Any]:
-        """Every ``gce.attacks.AttackConfig`` this evaluation runs, one per attack and ε."""
+    @model_validator(mode="after")
+    def _autoattack_eps(self) -> EvaluationSpec:
+        aa = self.autoattack
+        if aa is not None and aa.eps is None:
+            taken = sorted({e for cfg in self._listed() if _norm(cfg) == aa.norm for e in [cfg.eps]})
+            if not taken:
+                raise ValueError(f"autoattack.eps: give the radii; no other attack of norm {aa.norm!r} to take "
+                                 "them from")
+            aa.eps = [e for e in taken if math.isfinite(e)]
+        return self
+
+    def _listed(self) -> list[Any]:
         return [cfg for attack in self.attacks for cfg in attack.configs()]
+
+    def attack_configs(self) -> list[Any]:
+        """Every ``gce.attacks.AttackConfig`` this evaluation runs, one per attack and ε (AutoAttack last)."""
+        return self._listed() + self.autoattack_configs()
+
+    def autoattack_configs(self) -> list[Any]:
+        aa = self.autoattack
+        if aa is None:
+            return []
+        from gce.attacks import AttackConfig
+
+        return [AttackConfig(name="autoattack", eps=e, norm=None if aa.norm == "linf" else aa.norm,
+                             version=None if aa.version == "standard" else aa.version) for e in aa.eps]
 
     def resolved_batch_size(self, device) -> int:
         if self.batch_size != "auto":
@@ -136,7 +185,8 @@ class SweepSpec(_Strict):
     def _default_objective(cls, raw: Any) -> Any:
         """Robust accuracy when the spec attacks, clean accuracy when it does not."""
         if isinstance(raw, dict) and "objective" not in raw:
-            attacks = (raw.get("evaluation") or {}).get("attacks") if isinstance(raw.get("evaluation"), dict) else None
+            ev = raw.get("evaluation") if isinstance(raw.get("evaluation"), dict) else {}
+            attacks = ev.get("attacks") or ev.get("autoattack")
             metric = "val/robust_acc/worst_case" if attacks else "val/clean_acc"
             raw = {**raw, "objective": {"metric": metric, "mode": "max"}}
         return raw

@@ -109,6 +109,7 @@ def _check_evaluation(spec: SweepSpec) -> list[str]:
     if duplicates:
         problems.append(f"evaluation.attacks: {duplicates} appear twice with the same label; give each attack one "
                         "entry with an eps list (or differ them by loss/norm)")
+    all_eps |= {c.eps for c in spec.evaluation.autoattack_configs()}
     primary = spec.evaluation.primary_eps
     if primary is not None and all_eps and primary not in all_eps:
         problems.append(f"evaluation.primary_eps: {primary} is not one of the attacks' eps values {sorted(all_eps)}")
@@ -130,6 +131,7 @@ def expected_metrics(spec: SweepSpec) -> metrics.MetricSet:
     ev = spec.evaluation
     cuda = spec.resources.gpu > 0 and spec.trial_config({}, spec.seeds[0]).device != "cpu"
     attacks = [c for _, _, configs in _attack_configs(spec) if not isinstance(configs, Exception) for c in configs]
+    attacks += ev.autoattack_configs()
     return metrics.expected(attacks, test=ev.test, standalone=ev.standalone, checks=ev.checks,
                             cuda=cuda, system=spec.system_metrics.enabled)
 
