@@ -185,6 +185,87 @@ def resume(
     _finish(console, result)
 
 
+@app.command()
+def evaluate(
+    target: Annotated[str, typer.Argument(help="A sweep id, a sweep's parent run id, an experiment, or one trial's "
+                                               "run id.")],
+    attacks: Annotated[Path | None, typer.Option(help="A YAML file with an evaluation: block (attacks, max_examples, "
+                                                      "standalone, primary_eps) as in a spec; a whole spec works.")]
+    = None,
+    autoattack: Annotated[str | None, typer.Option(help="Shorthand for one attack {name: autoattack, version: "
+                                                        "VERSION}: standard, plus or rand.")] = None,
+    eps: Annotated[str | None, typer.Option(help="With --autoattack: the radii, e.g. 0.1,0.3.")] = None,
+    norm: Annotated[str, typer.Option(help="With --autoattack: linf or l2.")] = "linf",
+    surrogate: Annotated[str | None, typer.Option(help="Transfer: craft the attacks on this run's model (a run id), "
+                                                       "or on the sweep's run with the target's params but KEY=VALUE "
+                                                       "(e.g. loss.name=ce).")] = None,
+    split: Annotated[str, typer.Option(help="val, test or both.")] = "both",
+    max_examples: Annotated[int | None, typer.Option(min=1, help="Points per split (default: the trial's own "
+                                                                 "subsample, or the file's max_examples).")] = None,
+    name: Annotated[str | None, typer.Option(help="The evaluation's name: its worst case is logged as "
+                                                  "worst_case_<name> (default reeval-<digest>, or autoattack).")]
+    = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default $RAY_ADDRESS or local Ray).")]
+    = None,
+    cpus: Annotated[float, typer.Option(min=0.01, help="CPUs per run's Ray task.")] = 1,
+    gpus: Annotated[float, typer.Option(min=0, help="GPUs per run's Ray task (a fraction packs several).")] = 0,
+    ray: Annotated[bool, typer.Option("--ray/--no-ray", help="--no-ray: evaluate the runs one after another "
+                                                             "in this process.")] = True,
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                                     help="MLflow server; default: the embedded one.")] = None,
+) -> None:
+    """Evaluate finished trial runs again with a new attack list (or transfer attacks from a surrogate run), into
+    the same runs; each run's checkpoint is rebuilt, nothing is retrained. Evaluating again adds nothing."""
+    from rich.console import Console
+
+    from sweeps.reevaluate import EvaluateError, evaluate_target, load_evaluation, outcome_table
+
+    if split not in ("val", "test", "both"):
+        raise typer.BadParameter(f"split must be val, test or both; got {split!r}", param_hint="--split")
+    console = Console(soft_wrap=True)
+    failure, interrupted, outcomes, ev = None, False, [], None
+    with _driver_errors("TARGET"):
+        try:
+            ev = load_evaluation(attacks=attacks, autoattack=autoattack, eps=eps, norm=norm, name=name,
+                                 splits=("val", "test") if split == "both" else (split,), surrogate=surrogate,
+                                 max_examples=max_examples)
+            from tracking.connection import resolve_tracking
+            from tracking.queries import client_for
+
+            uri = resolve_tracking(tracking_uri).uri
+
+            def progress(out, i: int, n: int) -> None:
+                console.print(f"[{i}/{n}] {out.trial_id} ({out.label}): {out.status}"
+                              + (f": {out.reason}" if out.reason else ""))
+
+            outcomes = evaluate_target(client_for(uri), uri, target, ev, address=address, use_ray=ray, cpus=cpus,
+                                       gpus=gpus, progress=progress)
+        except EvaluateError as err:
+            failure = err
+        except KeyboardInterrupt:
+            interrupted = True
+    if failure is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(2)
+    if interrupted:
+        typer.echo("interrupted: the runs evaluated so far keep their metrics; the same command evaluates the rest",
+                   err=True)
+        raise typer.Exit(130)
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(outcome_table(outcomes, ev))
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("evaluated", "skipped", "failed")}
+    console.print(f"evaluation {ev.name!r}: {counts['evaluated']} run(s) evaluated, {counts['skipped']} skipped, "
+                  f"{counts['failed']} failed; tag {ev.tag} on each evaluated run")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        from sweeps.record import default_storage
+
+        where = default_storage().parent / "last_error.txt"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text("\n".join(f"run {o.run_id} ({o.trial_id}):\n{o.detail}" for o in failed))
+        console.print(f"[red]{len(failed)} run(s) failed[/] (tracebacks in {where})")
+        raise typer.Exit(1)
+
+
 @contextlib.contextmanager
 def _driver_errors(param_hint: str) -> Iterator[None]:
     """What stops a driver, as one line: a spec or sweep that cannot run (exit 2), the tracking server gone
