@@ -12,7 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
-from benchmarks import attack_throughput, sweep_overhead, tracking_cost, train_throughput, trial_profile
+from benchmarks import attack_throughput, evaluation, sweep_overhead, tracking_cost, train_throughput, trial_profile
 from benchmarks.common import report
 from gce.train import resolve_device
 
@@ -58,6 +58,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         summary.append(_row(f"{row['attack']} on {row['model']}, images/s", row.get("torchattacks_images_per_s", NAN),
                             row["images_per_s"], row.get("ratio", NAN), "torchattacks PGD"))
+
+    print("\n== evaluation engine ==")
+    quick = ["--models", "lenet5-ce", "--points", "40", "--eps", "0.3"] if args.quick else ["--models", "lenet5-ce"]
+    for row in evaluation.main([*quick, *dev, *out]):
+        summary.append(_row(f"{row['comparison']} on {row['model']}, images/s", row["reference_images_per_s"],
+                            row["ours_images_per_s"], row["ratio"],
+                            "pyautoattack" if row["comparison"].startswith("AutoAttack") else "torchattacks",
+                            ">= 3x", row["ratio"] >= 3))
 
     print("\n== tracking cost ==")
     rows = tracking_cost.main((["--epochs", "10"] if args.quick else []) + out)

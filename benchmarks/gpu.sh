@@ -4,11 +4,11 @@
 #     bash benchmarks/gpu.sh OUTDIR
 #
 # Runs training throughput (with and without torch.compile), PGD attack throughput, one trial profiled end to
-# end through Ray Tune and MLflow (phases, peak GPU memory) and trial packing (1, 2, 4, 8 trials on the GPU),
-# each under a timeout, writing <step>.json, log.txt (everything shown on screen), environment.txt and
+# end through Ray Tune and MLflow (phases, peak GPU memory), trial packing (1, 2, 4, 8 trials on the GPU) and the
+# evaluation engine against the original AutoAttack and torchattacks (benchmarks.evaluation), each under a timeout, writing <step>.json, log.txt (everything shown on screen), environment.txt and
 # summary.md into OUTDIR. A failing or timed-out step is recorded and the next one still runs; the exit status
-# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 130 + 80 + 110 + 140 s of steps, plus ~20 s
-# of set-up; expected ~4 minutes.
+# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 130 + 80 + 110 + 140 + 150 s of steps, plus
+# ~20 s of set-up; expected ~5 minutes.
 #
 # Python: $PYTHON if set, else the project's .venv/bin/python, else `python`; the project root found from this
 # script's location goes first on PYTHONPATH, so this checkout's code is what runs.
@@ -44,12 +44,14 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
   ATTACK_ARGS=(--scale 20)
   PROFILE_ARGS=(--epochs 20)
   PACK_ARGS=(--concurrency 1 2 4 8 --seconds 15)
+  EVAL_ARGS=(--models lenet5-ce,lenet5-at,resnet20-ce --points 1000 --eps 0.1,0.3)
 elif [[ "${GCE_BENCH_ALLOW_CPU:-}" == 1 ]]; then
   DEVICE=cpu
   TRAIN_ARGS=(--repeats 1)
   ATTACK_ARGS=(--scale 0.2 --steps 10)
   PROFILE_ARGS=(--epochs 2)
   PACK_ARGS=(--concurrency 1 2 --seconds 5)
+  EVAL_ARGS=(--models lenet5-ce --points 40 --eps 0.3)
 else
   build=$("$PY" -c 'import torch; print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}")')
   echo "error: no CUDA device visible to $PY ($build). This benchmark needs one GPU;" \
@@ -59,7 +61,7 @@ fi
 
 mkdir -p "$OUTDIR"
 # Results of an earlier run in OUTDIR must not pass for this run's in the summary.
-rm -f "$OUTDIR"/{train_throughput,attack_throughput,trial_profile,packing}.json "$OUTDIR/summary.md"
+rm -f "$OUTDIR"/{train_throughput,attack_throughput,trial_profile,packing,evaluation}.json "$OUTDIR/summary.md"
 echo "=== gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT, device $DEVICE ===" | tee -a "$LOG"
 if [[ $DEVICE == cpu ]]; then
   echo "GCE_BENCH_ALLOW_CPU=1: no CUDA device, running the steps on the CPU with short settings" | tee -a "$LOG"
@@ -118,6 +120,7 @@ if [[ "${FAILED[*]-}" == *"trial_profile ("* ]]; then
   "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
 fi
 step packing 140 "$PY" -m benchmarks.packing --device "$DEVICE" "${PACK_ARGS[@]}" --out "$OUTDIR"
+step evaluation 150 "$PY" -m benchmarks.evaluation --device "$DEVICE" "${EVAL_ARGS[@]}" --out "$OUTDIR"
 
 echo "== summary ==" | tee -a "$LOG"
 "$PY" - "$OUTDIR" ${FAILED[@]+"${FAILED[@]}"} <<'EOF' 2>&1 | tee -a "$LOG" || FAILED+=("summary")
@@ -178,6 +181,15 @@ if packing:
             notes.append(f"Target (on a GPU, 4 packed small-model trials each keep >= 80% of their solo "
                          f"throughput): {'MET' if met else 'NOT MET'}, slowest of 4 at {r['worst_vs_solo']:.0%}.")
 
+evaluation = load("evaluation")
+if evaluation:
+    env = env or evaluation["environment"]
+    for r in evaluation["rows"]:
+        rows.append((f"{r['comparison']} on {r['model']} ({r['points']} points), images/s", r["ours_images_per_s"],
+                     r["reference_images_per_s"], r["ratio"],
+                     ("pyautoattack" if r["comparison"].startswith("AutoAttack") else "torchattacks")
+                     + f"; robust {r['ours_robust']:.3f} vs {r['reference_robust']:.3f}"))
+
 lines = []
 if env:
     lines.append(f"Device: {env['device']}, torch {env['torch']}, Python {env['python']}")
@@ -188,7 +200,7 @@ lines += [f"| {b} | {num(o)} | {num(base)} | {num(r)} | {what} |" for b, o, base
 lines.append("")
 lines.append("Ratio > 1: ours is faster than the baseline measured in the same run; for packing, how many solo "
              "trials' worth of images the packed trials process together.")
-for name in ("train_throughput", "attack_throughput", "trial_profile", "packing"):
+for name in ("train_throughput", "attack_throughput", "trial_profile", "packing", "evaluation"):
     if not (out / f"{name}.json").exists():
         notes.append(f"{name}.json missing: that step produced no result.")
 notes += [f"FAILED: {f}" for f in failed]
