@@ -157,7 +157,8 @@ def attack_in_chunks(attack, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig], *, train_loss: LossFn | None = None,
                         standalone: bool = True, primary_eps: float | None = None, primary_norm: str | None = None,
                         batch_size: int = 500, max_examples: int | None = None,
-                        seed: int | None = 0, fast: bool = True) -> RobustnessResult:
+                        seed: int | None = 0, fast: bool = True,
+                        surrogate: nn.Module | None = None) -> RobustnessResult:
     """Clean accuracy and robust accuracy per attack, per ε and per-example worst case (module docstring).
 
     The primary threat model (the headline ``robust_acc/worst_case``) defaults to the *largest finite* ε of
@@ -172,24 +173,32 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
     order, each only on the examples the attack did not fool at a smaller ε (the balls are nested, so that
     adversarial example is one at the larger ε too). Robust accuracy is then the same or lower (stronger) per
     attack; ``fast=False`` reproduces the final-iterate, one-ε-at-a-time numbers exactly.
+
+    ``surrogate``: a transfer evaluation (``gce.transfer``) - the attacks run on the surrogate (to their final
+    iterate: that the surrogate is fooled says nothing of the model, and ``train_loss`` is then the surrogate's)
+    and their examples are scored on ``model``; every attack standalone, chains' member records left out.
     """
     attacks = list(attacks)
     groups = _group(attacks)
     primary = _primary(groups, primary_eps, primary_norm)
     device = model_device(model)
+    attacker = model if surrogate is None else surrogate
+    if model_device(attacker) != device:
+        raise ValueError(f"surrogate: on {model_device(attacker)}, the model on {device}; put both on one device")
+    standalone = standalone or surrogate is not None
     built = {(cfg.label(), cfg.eps): build_attack(cfg, train_loss=train_loss) for cfg in attacks}
     for attack in built.values():
-        attack.early_stop = fast
+        attack.early_stop = fast and surrogate is None
     correct_parts, flag_parts = [], {key: [] for key in built}
     chain_parts: dict[tuple[str, float], list[Tensor]] = {}
     worst_parts = {tm: [] for tm in groups}
     norms = list(dict.fromkeys(n for n, _ in groups))
     order = sorted(groups, key=lambda tm: (norms.index(tm[0]), tm[1])) if fast else list(groups)
     querying = fast and any(cfg.name in QUERYING for cfg in attacks)
-    with eval_mode(model), seeded(seed, device), contextlib.ExitStack() as stack:
+    with eval_mode(model), eval_mode(attacker), seeded(seed, device), contextlib.ExitStack() as stack:
         for x, y in batches(data, batch_size, device=device, max_examples=max_examples, seed=seed or 0):
             if querying:  # once, on the first batch: forward-only attacks query through a compiled twin
-                stack.enter_context(inference_forward(model, x))
+                stack.enter_context(inference_forward(attacker, x))
                 querying = False
             correct = predict(model, x) == y
             correct_parts.append(correct.cpu())
@@ -203,11 +212,11 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
                         todo = todo & ~beaten[key]
                     todo = todo.nonzero().squeeze(1)
                     ok = torch.zeros_like(correct)
-                    record = getattr(attack, "record", None)
+                    record = getattr(attack, "record", None) if surrogate is None else None
                     if record is not None:
                         record.clear()
                     if todo.numel():
-                        x_adv = attack_in_chunks(attack, model, x[todo], y[todo])
+                        x_adv = attack_in_chunks(attack, attacker, x[todo], y[todo])
                         _check_threat_model(cfg, tm, x_adv, x[todo])
                         ok[todo] = predict(model, x_adv) == y[todo]
                     if record is not None:
