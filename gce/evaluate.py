@@ -171,8 +171,11 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
     ``fast`` spends no work that cannot change the answer: an attack's examples leave its working batch once an
     iterate fools them (the fooling iterate is the answer), and the radii of one attack run in increasing
     order, each only on the examples the attack did not fool at a smaller ε (the balls are nested, so that
-    adversarial example is one at the larger ε too). Robust accuracy is then the same or lower (stronger) per
-    attack; ``fast=False`` reproduces the final-iterate, one-ε-at-a-time numbers exactly.
+    adversarial example is one at the larger ε too). Per example, a deterministic attack then follows the same
+    trajectory until it is fooled, so robust accuracy is the same or lower (stronger); a randomised attack
+    draws other random starts once batches differ, so for it this holds up to sampling noise. ``fast=False``
+    reproduces the final-iterate, one-ε-at-a-time numbers exactly (the gradient-masking checks use it: nested
+    numbers cannot rise with ε by construction).
 
     ``surrogate``: a transfer evaluation (``gce.transfer``) - the attacks run on the surrogate (to their final
     iterate: that the surrogate is fooled says nothing of the model, and ``train_loss`` is then the surrogate's)
@@ -220,7 +223,7 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
                         _check_threat_model(cfg, tm, x_adv, x[todo])
                         ok[todo] = predict(model, x_adv) == y[todo]
                     if record is not None:
-                        _chain_flags(chain_parts, cfg.eps, record, todo, ok)
+                        _chain_flags(chain_parts, cfg.eps, attack.labels(), record, todo, ok)
                     flag_parts[(cfg.label(), cfg.eps)].append(ok.cpu())
                     alive &= ok
                     if fast:
@@ -242,14 +245,15 @@ def evaluate_robustness(model: nn.Module, data, attacks: Sequence[AttackConfig],
                             standalone, primary, chain)
 
 
-def _chain_flags(parts: dict, eps: float, record: list[dict[str, Tensor]], todo: Tensor, ok: Tensor) -> None:
+def _chain_flags(parts: dict, eps: float, labels: list[str], record: list[dict[str, Tensor]], todo: Tensor,
+                 ok: Tensor) -> None:
     """A chain attack's (AutoAttack's) cumulative robust flags per member, over the whole batch: its calls
-    (one, or several when memory split the batch) in order, robust where no member up to this one fooled."""
-    if not record:  # nothing left to attack: every member's flags are the attack's (all False)
-        return
-    for label in record[0]:
+    (one, or several when memory split the batch) in order, robust where no member up to this one fooled.
+    With nothing left to attack (no call), every member's flags are the attack's: all False."""
+    for label in labels:
         flags = torch.zeros_like(ok)
-        flags[todo] = ~torch.cat([r[label] for r in record])
+        if record:
+            flags[todo] = ~torch.cat([r[label] for r in record])
         parts.setdefault((label, eps), []).append(flags.cpu())
 
 

@@ -193,7 +193,7 @@ def evaluate(
                                                       "standalone, primary_eps) as in a spec; a whole spec works.")]
     = None,
     autoattack: Annotated[str | None, typer.Option(help="Shorthand for one attack {name: autoattack, version: "
-                                                        "VERSION}: standard, plus or rand.")] = None,
+                                                        "VERSION}: standard or plus.")] = None,
     eps: Annotated[str | None, typer.Option(help="With --autoattack: the radii, e.g. 0.1,0.3.")] = None,
     norm: Annotated[str, typer.Option(help="With --autoattack: linf or l2.")] = "linf",
     surrogate: Annotated[str | None, typer.Option(help="Transfer: craft the attacks on this run's model (a run id), "

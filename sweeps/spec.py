@@ -97,6 +97,10 @@ class EvaluationSpec(_Strict):
                 raise ValueError(f"autoattack.eps: give the radii; no other attack of norm {aa.norm!r} to take "
                                  "them from")
             aa.eps = [e for e in taken if math.isfinite(e)]
+            if not aa.eps:
+                raise ValueError(f"autoattack.eps: give the radii; the other {aa.norm!r} attacks have none finite")
+        if aa is not None and any(a.name == "autoattack" for a in self.attacks):
+            raise ValueError("autoattack: given both as evaluation.autoattack and in evaluation.attacks; keep one")
         return self
 
     def _listed(self) -> list[Any]:

@@ -175,3 +175,40 @@ def test_spec_autoattack_shorthand_takes_the_radii_and_names_its_errors():
         EvaluationSpec.model_validate({"autoattack": "standard"})
     with pytest.raises(ValueError, match="autoattack.version"):
         EvaluationSpec.model_validate({"autoattack": {"version": "rand", "eps": [0.1]}})
+
+
+def test_chain_numbers_cover_every_point_when_nested_radii_leave_nothing_to_attack(model, points):
+    """At a larger ε a batch may have nothing left (all fooled at a smaller one): its points still count, as
+    not robust, in every member's number - which then equals AutoAttack's own at every ε, over all batches."""
+    x, y = points
+    configs = expand_eps(AttackConfig(name="autoattack"), [0.25, 0.3])
+    res = evaluate_robustness(model, (x[:60], y[:60]), configs, batch_size=20)
+    for eps in (0.25, 0.3):
+        assert res.chain["autoattack.square"][eps] == res.accuracy["autoattack"][eps]
+        assert set(res.chain) == set(member_labels(None))
+    assert res.accuracy["autoattack"][0.3] <= res.accuracy["autoattack"][0.25]
+
+
+def test_gradient_masking_checks_measure_independent_radii(model, mnist5k, monkeypatch):
+    """The checks look for accuracy rising with ε or steps: their own attacks must not use nested radii."""
+    import gce.checks as checks
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("fast", True))
+        return evaluate_robustness(*args, **kwargs)
+
+    monkeypatch.setattr(checks, "evaluate_robustness", spy)
+    checks.run_checks(model, mnist5k.test, checks.CheckConfig(eps=0.1, max_examples=40, steps=3))
+    assert seen and not any(seen)
+
+
+def test_spec_refuses_autoattack_twice_and_radii_it_cannot_take():
+    from sweeps.spec import EvaluationSpec
+
+    with pytest.raises(ValueError, match="autoattack: given both"):
+        EvaluationSpec.model_validate({"attacks": [{"name": "autoattack", "eps": [0.1]}], "autoattack": "standard"})
+    with pytest.raises(ValueError, match="none finite"):
+        EvaluationSpec.model_validate({"attacks": [{"name": "cw_l2", "eps": [float("inf")], "norm": "l2"}],
+                                       "autoattack": {"norm": "l2"}})

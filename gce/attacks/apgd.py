@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, LossFn, ascent_direction, logits_of, project
+from gce.attacks.base import Attack, LossFn, ascent_direction, project
 from gce.validation import check_int, check_number
 
 __all__ = ["APGD", "APGDTargeted", "dlr_targeted"]
@@ -191,7 +191,8 @@ class APGDTargeted(APGD):
         self._target = self._target[keep]
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        logits = logits_of(model, x)
+        with torch.no_grad():  # the model itself, not a compiled twin: these decide who is attacked
+            logits = model(x)
         if self.targets > logits.shape[1] - 1:
             raise ValueError(f"targets must be at most classes - 1 = {logits.shape[1] - 1}; got {self.targets}")
         order = logits.argsort(dim=1, descending=True)
@@ -203,7 +204,8 @@ class APGDTargeted(APGD):
                     return out
                 self._target = order[todo, rank]
                 candidate = APGD.perturb(self, model, x[todo], y[todo])
-                now = logits_of(model, candidate).argmax(1) != y[todo]
+                with torch.no_grad():
+                    now = model(candidate).argmax(1) != y[todo]
                 out[todo[now]], fooled[todo[now]] = candidate[now], True
         self._target = None
         return out

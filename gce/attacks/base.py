@@ -93,6 +93,12 @@ def logits_of(model: nn.Module, x: Tensor) -> Tensor:
         return model(x)
 
 
+def twin_active(model: nn.Module) -> bool:
+    """Whether ``logits_of(model, ·)`` runs a compiled twin now (whose decisions the model must confirm)."""
+    compiled = _INFERENCE.get()
+    return compiled is not None and compiled[0] is model
+
+
 @contextmanager
 def inference_forward(model: nn.Module, example: Tensor) -> Iterator[bool]:
     """While it lasts, ``logits_of(model, ·)`` runs a frozen, operator-fused TorchScript copy of the model

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, input_grad, logits_of
+from gce.attacks.base import Attack, input_grad, logits_of, twin_active
 from gce.validation import check_int, is_number
 
 __all__ = ["FAB", "FABTargeted", "project_hyperplane_l2", "project_hyperplane_linf"]
@@ -154,7 +154,8 @@ class FAB(Attack):
         return [None]
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        logits = logits_of(model, x)
+        with torch.no_grad():  # the model itself decides who is already fooled, not a compiled twin
+            logits = model(x)
         targets = self._targets(logits)
         fooled = logits.argmax(1) != y  # already misclassified: x itself
         x_adv = x.clone()
@@ -165,6 +166,9 @@ class FAB(Attack):
                     return x_adv
                 best, dist = self._run(model, x[todo], y[todo], None if target is None else target[todo], restart > 0)
                 hit = dist <= self.eps
+                if bool(hit.any()) and twin_active(model):  # the search used a compiled twin: the model confirms
+                    with torch.no_grad():
+                        hit[hit.clone()] = model(best[hit]).argmax(1) != y[todo][hit]
                 x_adv[todo[hit]] = best[hit]
                 fooled[todo[hit]] = True
         return x_adv

@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, logits_of, project
+from gce.attacks.base import Attack, logits_of, project, twin_active
 from gce.validation import check_int, is_number
 
 __all__ = ["Square", "p_selection"]
@@ -175,7 +175,7 @@ class Square(Attack):
             raise ValueError(f"square needs images: x of shape (B, C, H, W); got shape {tuple(x.shape)}")
         with torch.no_grad():
             out = self._start(x)
-            margin_best = margin(logits_of(model, out).float(), y)
+            margin_best = margin(model(out).float(), y)  # the model itself decides who is left to attack
             # The working set (examples not yet fooled) is gathered once and shrunk only when one is fooled:
             # most queries change no membership, and re-gathering the images every query cost a third.
             where = (margin_best >= 0).nonzero().squeeze(1)
@@ -189,6 +189,12 @@ class Square(Attack):
                 margin_best = torch.where(improved, new_margin, margin_best)
                 best = torch.where(improved.view(-1, 1, 1, 1), proposal, best)
                 fooled = margin_best < 0
+                if bool(fooled.any()) and twin_active(model):  # queried through a compiled twin: the model
+                    check = fooled.nonzero().squeeze(1)  # itself confirms (it is what the score uses)
+                    with torch.no_grad():
+                        eager = margin(model(best[check]).float(), ys[check])
+                    margin_best[check] = eager
+                    fooled[check] = eager < 0
                 if bool(fooled.any()):  # one sync per query, as the reference's
                     out[where[fooled]] = best[fooled]
                     keep = ~fooled
