@@ -97,12 +97,16 @@ class RobustnessResult:
             out[worst_case_key(prefix)] = self.worst_case[self.primary]
         return out
 
+    def label_of(self, config: AttackConfig) -> str:
+        """The label an attack's numbers are kept under (``accuracy``, ``robust``)."""
+        return config.label()
+
     def curves(self) -> dict[str, RobustnessCurve]:
         """One accuracy-vs-ε curve per norm."""
         out = {}
         for norm in dict.fromkeys(n for n, _ in self.worst_case):
             grid = sorted(e for n, e in self.worst_case if n == norm)
-            series = {cfg.label(): [self.accuracy[cfg.label()].get(e, math.nan) for e in grid]
+            series = {self.label_of(cfg): [self.accuracy[self.label_of(cfg)].get(e, math.nan) for e in grid]
                       for cfg in self.attacks if norm_of(cfg) == norm}
             series["worst_case"] = [self.worst_case[(norm, e)] for e in grid]
             out[norm] = RobustnessCurve(norm, grid, self.clean_acc, series, self.cumulative)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gce.attacks import AttackConfig, LossFn, eval_mode
-from gce.evaluate import RobustnessCurve, RobustnessResult, batches, evaluate_robustness, model_device, norm_of, predict
+from gce.evaluate import RobustnessResult, batches, evaluate_robustness, model_device, predict
 
 __all__ = ["TRANSFER_PREFIX", "TransferResult", "evaluate_transfer", "transfer_label"]
 
@@ -42,15 +42,8 @@ class TransferResult(RobustnessResult):
 
     surrogate_clean_acc: float = math.nan
 
-    def curves(self) -> dict[str, RobustnessCurve]:
-        out = {}
-        for norm in dict.fromkeys(n for n, _ in self.worst_case):
-            grid = sorted(e for n, e in self.worst_case if n == norm)
-            series = {transfer_label(c): [self.accuracy[transfer_label(c)].get(e, math.nan) for e in grid]
-                      for c in self.attacks if norm_of(c) == norm}
-            series["worst_case"] = [self.worst_case[(norm, e)] for e in grid]
-            out[norm] = RobustnessCurve(norm, grid, self.clean_acc, series, False)
-        return out
+    def label_of(self, config: AttackConfig) -> str:
+        return transfer_label(config)
 
 
 def evaluate_transfer(model: nn.Module, surrogate: nn.Module, data, attacks: Sequence[AttackConfig], *,

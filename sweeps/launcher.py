@@ -38,10 +38,7 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     if problems:
         raise SpecError("resources cannot be met:\n" + "\n".join(f"  - {p}" for p in problems))
     tracking = resolve_tracking(tracking_uri)
-    if address and _loopback(tracking.uri):
-        raise SpecError(f"tracking: trials on the Ray cluster {address} cannot reach {tracking.uri} (this "
-                        "machine's loopback); set MLFLOW_TRACKING_URI to a server the workers can reach (e.g. the "
-                        "docker stack's)")
+    refuse_loopback(address, tracking.uri, "trials")
     sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     # The record before anything else: a driver killed at any later moment leaves a sweep `resume` continues.
     record = SweepRecord(sweep_id, "", tracking.uri, spec.experiment,
@@ -255,6 +252,14 @@ def _result(record: SweepRecord, grid) -> SweepResult:
         top = (max if objective.mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
         best = {"metric": metric, "value": top.metrics[metric], "config": top.config}
     return SweepResult(record, len(grid), grid.num_errors, best, len(grid) - grid.num_terminated - grid.num_errors)
+
+
+def refuse_loopback(address: str | None, uri: str, who: str) -> None:
+    """Workers on a Ray cluster cannot log to this machine's loopback: refuse before anything starts."""
+    if address and _loopback(uri):
+        raise SpecError(f"tracking: {who} on the Ray cluster {address} cannot reach {uri} (this machine's "
+                        "loopback); set MLFLOW_TRACKING_URI to a server the workers can reach (e.g. the docker "
+                        "stack's)")
 
 
 def _loopback(uri: str) -> bool:

@@ -608,18 +608,16 @@ def _init_ray(address: str | None, tracking_uri: str, experiment: str, plugins: 
     """The project's Ray start-up (``sweeps.runtime.init_ray`` through the launcher's environment for workers),
     with a record of this evaluation (in ``storage``) in place of a sweep's."""
     from sweeps.launcher import _init_ray as launcher_init_ray
-    from sweeps.launcher import _loopback
+    from sweeps.launcher import refuse_loopback
     from sweeps.record import SweepRecord
     from sweeps.runtime import check_address
 
     try:
         if address:
             check_address(address)  # a cluster that is not there fails now, naming it (as `run` does)
+        refuse_loopback(address, tracking_uri, "workers")
     except SpecError as err:
         raise EvaluateError(str(err)) from None
-    if address and _loopback(tracking_uri):
-        raise EvaluateError(f"tracking: workers on the Ray cluster {address} cannot reach {tracking_uri} (this "
-                            "machine's loopback); set MLFLOW_TRACKING_URI to a server the workers can reach")
     record = SweepRecord(f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}", "", tracking_uri,
                          experiment, str(storage),
                          {"name": "evaluate", "experiment": experiment, "plugins": list(plugins)}, address)

@@ -253,3 +253,22 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mnist5k():
+    """MNIST-5k with the validation split of seed 0 (a module may define its own)."""
+    from gce.data import load_dataset
+
+    return load_dataset("mnist5k", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(mnist5k):
+    """A LeNet-5 trained one epoch with CE on it, in eval mode: a model that attacks can fool, quickly."""
+    from gce.config import TrainConfig
+    from gce.train import fit
+
+    cfg = TrainConfig.from_dict({"data": {"dataset": "mnist5k"}, "model": {"name": "lenet5"}, "loss": {"name": "ce"},
+                                 "epochs": 1, "batch_size": 64, "seed": 0, "device": "cpu"})
+    return fit(cfg, data=mnist5k).model.eval()

@@ -7,8 +7,6 @@ from sklearn.metrics import silhouette_score as sk_silhouette
 
 import gce.evaluate as evaluate_module
 from gce.attacks import AttackConfig, build_attack
-from gce.config import TrainConfig
-from gce.data import load_dataset
 from gce.evaluate import batches, evaluate_robustness, expand_eps, format_eps
 from gce.latent import (
     class_separation,
@@ -18,21 +16,8 @@ from gce.latent import (
     penultimate_features,
     silhouette_score,
 )
-from gce.train import fit
 
 N = 200  # test examples per evaluation: enough for stable fractions, fast on a CPU
-
-
-@pytest.fixture(scope="module")
-def mnist5k():
-    return load_dataset("mnist5k", seed=0)
-
-
-@pytest.fixture(scope="module")
-def model(mnist5k):
-    cfg = TrainConfig.from_dict({"data": {"dataset": "mnist5k"}, "model": {"name": "lenet5"}, "loss": {"name": "ce"},
-                                 "epochs": 1, "batch_size": 64, "seed": 0, "device": "cpu"})
-    return fit(cfg, data=mnist5k).model.eval()
 
 
 def deterministic(eps):

@@ -10,26 +10,11 @@ import torch
 
 from gce.attacks import APGD, ATTACKS, BIM, APGDTargeted, AttackConfig, AutoAttack, build_attack
 from gce.attacks.autoattack import member_labels
-from gce.config import TrainConfig
-from gce.data import load_dataset
 from gce.evaluate import evaluate_robustness, expand_eps, predict
 from gce.metrics import expected
 from gce.seeding import seeded
-from gce.train import fit
 
 N = 200
-
-
-@pytest.fixture(scope="module")
-def mnist5k():
-    return load_dataset("mnist5k", seed=0)
-
-
-@pytest.fixture(scope="module")
-def model(mnist5k):
-    cfg = TrainConfig.from_dict({"data": {"dataset": "mnist5k"}, "model": {"name": "lenet5"}, "loss": {"name": "ce"},
-                                 "epochs": 1, "batch_size": 64, "seed": 0, "device": "cpu"})
-    return fit(cfg, data=mnist5k).model.eval()
 
 
 @pytest.fixture(scope="module")

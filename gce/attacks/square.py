@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from gce.attacks.base import Attack, logits_of, project, twin_active
+from gce.attacks.base import Attack, _per_example_norm, logits_of, project, twin_active
+from gce.attacks.losses import margin_loss
 from gce.validation import check_int, is_number
 
 __all__ = ["Square", "p_selection"]
@@ -36,9 +37,7 @@ def p_selection(p_init: float, iteration: int, queries: int, rescale: bool = Tru
 
 def margin(logits: Tensor, y: Tensor) -> Tensor:
     """z_y − max_{j≠y} z_j per example: negative exactly when the example is misclassified."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
-    return true - other
+    return -margin_loss(logits, y, reduction="none")
 
 
 @functools.lru_cache(maxsize=64)
@@ -100,7 +99,7 @@ def _window_index(t: Tensor, vh: Tensor, vw: Tensor, s: int) -> tuple[Tensor, ..
 
 
 def _l2_normalise(t: Tensor) -> Tensor:
-    return t / (t.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12)
+    return t / (_per_example_norm(t) + 1e-12)
 
 
 class Square(Attack):
