@@ -8,7 +8,9 @@ its record (``sweeps.record``: spec, parent run, tracking server), which is all 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import secrets
 import threading
 import time
@@ -37,12 +39,16 @@ def run_sweep(spec: SweepSpec, *, address: str | None = None, tracking_uri: str 
     problems = check_resources(spec, address)
     if problems:
         raise SpecError("resources cannot be met:\n" + "\n".join(f"  - {p}" for p in problems))
+    storage = storage or spec.storage_path
+    if storage is not None and re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(storage)):  # s3://, gs://, file://
+        raise SpecError(f"storage: {storage!r} is a URI; give a filesystem path (on a multi-node cluster, a shared "
+                        "filesystem mounted at the same path on every node): object stores are not supported yet")
     tracking = resolve_tracking(tracking_uri)
     refuse_loopback(address, tracking.uri, "trials")
     sweep_id = sweep_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     # The record before anything else: a driver killed at any later moment leaves a sweep `resume` continues.
     record = SweepRecord(sweep_id, "", tracking.uri, spec.experiment,
-                         str(Path(storage or spec.storage_path or default_storage()).absolute()),
+                         str(Path(storage or default_storage()).absolute()),
                          spec.model_dump(mode="json"), address, tracking.embedded_root)
     record.save()
     record, logger = _open_parent(record)
@@ -61,6 +67,7 @@ def resume_sweep(sweep: str, *, storage: str | Path | None = None, console=None)
     # wherever resume is called from; MLFLOW_TRACKING_URI, when set, wins.
     tracking = resolve_tracking(saved=None if record.tracking_dir else record.tracking_uri, root=record.tracking_dir)
     record = record.with_tracking(tracking.uri, tracking.embedded_root)
+    refuse_loopback(record.address, tracking.uri, "trials")
     found = RunLogger(record.tracking_uri, record.experiment).find_run(record.sweep_id)
     if record.parent_run_id and (found is None or found.info.run_id != record.parent_run_id):
         raise SpecError(f"sweep {record.sweep_id}: its parent run {record.parent_run_id} is not on "
@@ -209,6 +216,8 @@ def _init_ray(record: SweepRecord) -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # A failed trial is one console line (ProgressCallback) and its traceback is in its run, not on the screen.
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # A trial killed before its first result has no result file: restoring it is normal, not a warning.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     env = {**configure_client(), "MLFLOW_TRACKING_URI": record.tracking_uri}
     env |= {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                                        "MLFLOW_TRACKING_TOKEN") if os.environ.get(k)}
@@ -255,11 +264,17 @@ def _result(record: SweepRecord, grid) -> SweepResult:
 
 
 def refuse_loopback(address: str | None, uri: str, who: str) -> None:
-    """Workers on a Ray cluster cannot log to this machine's loopback: refuse before anything starts."""
-    if address and _loopback(uri):
+    """Workers on a Ray cluster cannot log to this machine's loopback: refuse before anything starts, unless
+    every node of the cluster is this machine (a workstation's own ``ray start --head``, a test's cluster)."""
+    if not address or not _loopback(uri):
+        return
+    from sweeps.runtime import remote_nodes
+
+    remote = remote_nodes(address)
+    if remote:
         raise SpecError(f"tracking: {who} on the Ray cluster {address} cannot reach {uri} (this machine's "
-                        "loopback); set MLFLOW_TRACKING_URI to a server the workers can reach (e.g. the docker "
-                        "stack's)")
+                        f"loopback) from its node(s) at {', '.join(remote)}; set MLFLOW_TRACKING_URI to a server "
+                        "the workers can reach (e.g. the docker stack's)")
 
 
 def _loopback(uri: str) -> bool:

@@ -31,7 +31,7 @@ from sweeps.record import SweepRecord
 from sweeps.spec import SpecError
 from tracking.server import pid_alive
 
-__all__ = ["PLUGINS_DIR", "import_plugins", "init_ray", "reap_dead_sessions", "stage_plugins"]
+__all__ = ["PLUGINS_DIR", "import_plugins", "init_ray", "reap_dead_sessions", "remote_nodes", "stage_plugins"]
 
 SESSIONS_FILE = "ray_sessions.json"
 PLUGINS_DIR = "gce_plugins"  # in the sweep's folder: the plugins' code as the driver imported it
@@ -46,6 +46,7 @@ def init_ray(record: SweepRecord, env: dict[str, str]) -> None:
         return
     runtime_env = {"env_vars": env} | ({"py_modules": [str(p) for p in shipped]} if shipped else {})
     options = dict(runtime_env=runtime_env, logging_level="WARNING", log_to_driver=False)
+    _condense_cluster_errors()
     if record.address:
         check_address(record.address)
         ray.init(address=record.address, **options)
@@ -53,6 +54,35 @@ def init_ray(record: SweepRecord, env: dict[str, str]) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", include_dashboard=False, **options)
     _note_session(record.folder)
+
+
+def _condense_cluster_errors() -> None:
+    """Ray's driver prints every cluster error it hears of (a node lost, a raylet killed) with a forty-line state
+    dump, sometimes twice: the sweep's console gets each once, as its first line (the trial's retry has its own
+    line from the progress callback). Ray offers no option for this; its printer is wrapped once per process."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_gce_condensed", False):
+        return
+    seen: set[str] = set()
+
+    def condensed(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet":
+            lines = []
+            for message in data.get("lines", []):
+                first = message.strip().splitlines()[0] if message.strip() else ""
+                first = first if len(first) <= 240 else first[:237] + "..."
+                if first and first not in seen:
+                    seen.add(first)
+                    lines.append(first)
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        original(data, ignore_prefix)
+
+    condensed._gce_condensed = True
+    ray_worker.print_to_stdstream = condensed
 
 
 def stage_plugins(record: SweepRecord) -> list[Path]:
@@ -130,6 +160,30 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as err:
         raise SpecError(f"ray: no Ray cluster answers at {address} ({err}); start it (ray start --head) or run "
                         "without --address for a local Ray") from None
+
+
+def remote_nodes(address: str) -> list[str]:
+    """The IP addresses of the cluster's live nodes that are not this machine (connecting briefly when this
+    process is not connected yet): a loopback tracking URI serves a cluster only when this list is empty."""
+    import ray
+
+    connected = ray.is_initialized()
+    if not connected:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+    finally:
+        if not connected:
+            ray.shutdown()
+    return foreign(ips)
+
+
+def foreign(ips) -> list[str]:
+    """Those of ``ips`` that are not an address of this machine."""
+    import psutil
+
+    local = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return sorted(ip for ip in set(ips) if ip not in local and not ip.startswith("127.") and ip != "::1")
 
 
 def _note_session(folder: Path) -> None:

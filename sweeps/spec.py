@@ -179,7 +179,9 @@ class SweepSpec(_Strict):
     max_concurrent_trials: Annotated[int, Field(ge=1)] | None = None
     max_failures: Annotated[int, Field(ge=0)] = 0
     address: str | None = None  # Ray address; None = $RAY_ADDRESS or a local Ray
-    storage_path: str | None = None  # Ray Tune results; None = .gce-sweeps/ray_results
+    # Ray Tune results; None = .gce-sweeps/ray_results. A filesystem path: on a multi-node cluster, one mounted
+    # at the same path on every node (the record, resume and checkpoint pruning read it as files).
+    storage_path: str | None = None
     # Modules (or module:object) registering losses, models, datasets or attacks (gce.plugins); imported before
     # the rest of the spec is validated (sweeps.loading), and in every trial's worker (sweeps.runtime)
     plugins: list[str] = Field(default_factory=list)

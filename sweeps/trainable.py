@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 __all__ = ["train_trial"]
 
 CHECKPOINT_FILE = "trial.pt"
+NODE_TAG, NODE_IP_TAG = "gce.ray_node", "gce.ray_node_ip"  # the node this attempt of the trial runs on
+ATTEMPT_TAG, NODES_TAG = "gce.attempt", "gce.ray_nodes"  # attempts so far; their nodes, oldest first
 LEDGER_FILE = "epochs.json"  # the metrics of every epoch the checkpoint covers
 
 
@@ -139,11 +141,25 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
                                                 f"{describe(point, seed)}.")
         run = logger.run(run_id)  # one request: what an earlier attempt stored, and its error tag
         logger.clear_error(run_id, run)  # a retried trial (max_failures) must not keep its last attempt's error
+        logger.set_tags(run_id, attempt_tags(run.data.tags))
         stored = dict(run.data.metrics)
     # Exactly once: an earlier attempt's epochs are in the run already. Its metrics went out in order, one
     # log_batch an epoch, so they are the epochs 1..latest "epoch"; the replay of those skips logging.
     final = stored if time_key("trial") in stored else None
     return _Trial(record, train_config, trial_id, logger, run_id, clock, int(stored.get("epoch", 0)), final)
+
+
+def attempt_tags(tags: dict[str, str]) -> dict[str, str]:
+    """Where this attempt of the trial runs: the Ray node (id and IP) and the attempt's number, with the nodes of
+    every attempt so far in order — a trial retried after its node died shows both nodes in its run."""
+    import ray
+
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
+    ip = ray.util.get_node_ip_address()
+    attempt = int(tags.get(ATTEMPT_TAG, 0)) + 1
+    nodes = [n for n in tags.get(NODES_TAG, "").split(",") if n] + [f"{node[:12]}@{ip}"]
+    return {NODE_TAG: node, NODE_IP_TAG: ip, ATTEMPT_TAG: str(attempt), NODES_TAG: ",".join(nodes)[-5000:]}
 
 
 def _train(trial: _Trial):
