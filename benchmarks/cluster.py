@@ -126,6 +126,11 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             self.kill_node(node)
+        # `ray start --head` records its address for `ray.init()` without one: not a dead cluster's.
+        recorded = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if recorded.read_text().strip().endswith(f":{self.port}"):
+                recorded.unlink()
         deadline = time.time() + 10
         while time.time() < deadline and any(_pgid(pid) in {n.session for n in self.nodes} for pid, _ in _processes()):
             time.sleep(0.1)

@@ -2,7 +2,7 @@
 then the driver (an outage cut short), at uniformly random moments, resume as a user would, and check the
 exactly-once invariants after every sweep.
 
-    python -m benchmarks.faults --kills 30 [--seed S] [--targets driver,worker,server,outage]
+    python -m benchmarks.faults --kills 30 [--seed S] [--targets driver,worker,server,outage] [--stacks 1,2]
 
 Each sweep is a fresh ``gce-sweep run`` of a small spec, as a process, on the embedded server (no
 MLFLOW_TRACKING_URI: what a new user gets). A kill lands at a moment drawn uniformly from [0, T) of the
@@ -84,6 +84,18 @@ class Sandbox:
         env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
         self.env = env | {"GCE_TRACKING_DIR": str(self.tracking), "RAY_AUTH_MODE": "disabled", "COLUMNS": "200",
                           "GCE_TRACKING_MAX_OUTAGE_S": "120"}
+
+    def spec_for(self, sweep: int, stack: int) -> Path:
+        """The spec of one sweep: the campaign's, its trials in stacks of ``stack`` (1: unstacked)."""
+        if stack == 1:
+            return self.spec
+        path = self.root / f"faults-{sweep}.yaml"
+        path.write_text(yaml.safe_dump({**SPEC, "resources": {**SPEC["resources"], "stack": stack}}))
+        return path
+
+    def spec_of(self, sweep: int) -> Path:
+        path = self.root / f"faults-{sweep}.yaml"
+        return path if path.exists() else self.spec
 
     def results(self, sweep: int) -> Path:
         return self.root / f"ray_results_{sweep}"
@@ -206,7 +218,7 @@ def check(sandbox: Sandbox, sweep: int, logs: list[Path]) -> list[str]:
 
     problems = []
     sweep_id = sandbox.sweep_id(sweep)
-    spec = load_spec(sandbox.spec)
+    spec = load_spec(sandbox.spec_of(sweep))
     if sweep_id is None:
         return [f"sweep {sweep}: no sweep record at the end"]
     server = ensure_server(sandbox.tracking)  # as a user opening the UI would, if the last kill took it down
@@ -268,8 +280,9 @@ def calibrate(sandbox: Sandbox) -> float:
 
 
 def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int = 2, say=print,
-             max_sweeps: int | None = None) -> Campaign:
-    """Sweeps with random kills until ``kills`` have landed (or ``max_sweeps``, default 3 × kills, ran)."""
+             max_sweeps: int | None = None, stacks: tuple[int, ...] = (1,)) -> Campaign:
+    """Sweeps with random kills until ``kills`` have landed (or ``max_sweeps``, default 3 × kills, ran); each
+    sweep's trials in stacks of a size drawn from ``stacks`` (``resources.stack``; 1: unstacked)."""
     max_sweeps = max_sweeps or 3 * kills
     rng = random.Random(seed)
     sandbox = Sandbox(root)
@@ -288,17 +301,20 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
     while len([k for k in result.kills if k.phase != "missed"]) < kills and sweep < max_sweeps:
         sweep += 1
         logs, command = [], "run"
+        stack = rng.choice(stacks) if len(stacks) > 1 else stacks[0]
+        spec = sandbox.spec_for(sweep, stack)
         for _ in range(rng.randint(1, per_sweep)):
             plan = Kill(sweep, rng.choice(targets), command, rng.uniform(0, duration()))
             log = root / f"sweep{sweep}-{len(logs)}-{command}.log"
             logs.append(log)
-            args = ["run", str(sandbox.spec)] if command == "run" else ["resume", sandbox.sweep_id(sweep)]
+            args = ["run", str(spec)] if command == "run" else ["resume", sandbox.sweep_id(sweep)]
             started = time.monotonic()
             rc = run_command(sandbox, args, sweep, log, plan, rng)
             if plan.phase == "missed" and args[0] == "run":
                 lives.append(time.monotonic() - started)  # a whole run: the moments' range follows what runs take
             result.kills.append(plan)
-            say(f"  sweep {sweep}: kill {plan.target} at {plan.moment_s:.1f} s of `{command}` -> {plan.phase} "
+            say(f"  sweep {sweep}{f' (stacks of {stack})' if stack > 1 else ''}: kill {plan.target} at "
+                f"{plan.moment_s:.1f} s of `{command}` -> {plan.phase} "
                 f"(exit {rc})")
             if rc == 0:
                 break  # the command ended by itself (the fault was survived, or came too late): nothing to resume
@@ -310,7 +326,7 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
         if killed_driver or not _finished(logs[-1]):
             log = root / f"sweep{sweep}-final-resume.log"
             logs.append(log)
-            args = ["resume", sandbox.sweep_id(sweep)] if sandbox.sweep_id(sweep) else ["run", str(sandbox.spec)]
+            args = ["resume", sandbox.sweep_id(sweep)] if sandbox.sweep_id(sweep) else ["run", str(spec)]
             rc = run_command(sandbox, args, sweep, log, None, rng)
             if rc != 0:
                 result.violations.append(f"sweep {sweep}: the final `{args[0]}` exited {rc}; see {log}")
@@ -332,12 +348,14 @@ def main(argv: list[str] | None = None) -> Campaign:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--per-sweep", type=int, default=2)
+    parser.add_argument("--stacks", default="1,2", help="stack sizes drawn per sweep (resources.stack; 1: unstacked)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a new temporary one)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     root = args.dir or Path(subprocess.check_output(["mktemp", "-d", "/tmp/gce-faults.XXXX"], text=True).strip())
     root.mkdir(parents=True, exist_ok=True)
-    result = campaign(args.kills, seed, root, tuple(args.targets.split(",")), args.per_sweep)
+    result = campaign(args.kills, seed, root, tuple(args.targets.split(",")), args.per_sweep,
+                      stacks=tuple(int(k) for k in args.stacks.split(",")))
     from tracking.server import stop_server
 
     stop_server(root / "mlflow")

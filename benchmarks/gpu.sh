@@ -3,12 +3,14 @@
 #
 #     bash benchmarks/gpu.sh OUTDIR
 #
-# Runs training throughput (with and without torch.compile), PGD attack throughput, one trial profiled end to
-# end through Ray Tune and MLflow (phases, peak GPU memory), trial packing (1, 2, 4, 8 trials on the GPU) and the
-# evaluation engine against the original AutoAttack and torchattacks (benchmarks.evaluation), each under a timeout, writing <step>.json, log.txt (everything shown on screen), environment.txt and
+# Runs the CUDA tests (pytest -m gpu), training throughput (with and without torch.compile), PGD attack
+# throughput, one trial profiled end to end through Ray Tune and MLflow (phases, peak GPU memory), trial packing
+# (1, 2, 4, 8 trials on the GPU as processes), stacked trials (K = 1, 4, 16 LeNet-5s / ResNet-20s as one vmapped
+# model, benchmarks.stacking) and the evaluation engine against the original AutoAttack and torchattacks
+# (benchmarks.evaluation), each under a timeout, writing <step>.json, log.txt (everything shown on screen), environment.txt and
 # summary.md into OUTDIR. A failing or timed-out step is recorded and the next one still runs; the exit status
-# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 130 + 80 + 110 + 140 + 150 s of steps, plus
-# ~20 s of set-up; expected ~5 minutes.
+# is then 1. Exit 2: no CUDA device. Worst case by the timeouts: 150 + 130 + 80 + 110 + 140 + 120 + 150 s of
+# steps, plus ~20 s of set-up; expected ~7 minutes.
 #
 # Python: $PYTHON if set, else the project's .venv/bin/python, else `python`; the project root found from this
 # script's location goes first on PYTHONPATH, so this checkout's code is what runs.
@@ -45,6 +47,7 @@ if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
   PROFILE_ARGS=(--epochs 20)
   PACK_ARGS=(--concurrency 1 2 4 8 --seconds 15)
   EVAL_ARGS=(--models lenet5-ce,lenet5-at,resnet20-ce --points 1000 --eps 0.1,0.3)
+  STACK_ARGS=(--models lenet5,resnet20 --stack 1 4 16 --seconds 3)
 elif [[ "${GCE_BENCH_ALLOW_CPU:-}" == 1 ]]; then
   DEVICE=cpu
   TRAIN_ARGS=(--repeats 1)
@@ -52,6 +55,7 @@ elif [[ "${GCE_BENCH_ALLOW_CPU:-}" == 1 ]]; then
   PROFILE_ARGS=(--epochs 2)
   PACK_ARGS=(--concurrency 1 2 --seconds 5)
   EVAL_ARGS=(--models lenet5-ce --points 40 --eps 0.3)
+  STACK_ARGS=(--models lenet5 --stack 1 2 --seconds 1 --batches 3)
 else
   build=$("$PY" -c 'import torch; print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}")')
   echo "error: no CUDA device visible to $PY ($build). This benchmark needs one GPU;" \
@@ -61,7 +65,8 @@ fi
 
 mkdir -p "$OUTDIR"
 # Results of an earlier run in OUTDIR must not pass for this run's in the summary.
-rm -f "$OUTDIR"/{train_throughput,attack_throughput,trial_profile,packing,evaluation}.json "$OUTDIR/summary.md"
+rm -f "$OUTDIR/cuda_tests.xml" "$OUTDIR"/{train_throughput,attack_throughput,trial_profile,packing,stacking,evaluation}.json \
+  "$OUTDIR/summary.md"
 echo "=== gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) in $ROOT, device $DEVICE ===" | tee -a "$LOG"
 if [[ $DEVICE == cpu ]]; then
   echo "GCE_BENCH_ALLOW_CPU=1: no CUDA device, running the steps on the CPU with short settings" | tee -a "$LOG"
@@ -109,6 +114,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run under a timeout, shown and appen
   echo "== $name: $((SECONDS - start)) s ==" | tee -a "$LOG"
 }
 
+# The CUDA tests first (skipped on the CPU): a device that computes wrongly makes every figure below moot.
+if [[ $DEVICE == cuda ]]; then
+  step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$OUTDIR/cuda_tests.xml"
+fi
 step train_throughput 130 "$PY" -m benchmarks.train_throughput --device "$DEVICE" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUTDIR"
 step attack_throughput 80 "$PY" -m benchmarks.attack_throughput --device "$DEVICE" "${ATTACK_ARGS[@]}" \
   --out "$OUTDIR"
@@ -120,6 +129,7 @@ if [[ "${FAILED[*]-}" == *"trial_profile ("* ]]; then
   "$PY" -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
 fi
 step packing 140 "$PY" -m benchmarks.packing --device "$DEVICE" "${PACK_ARGS[@]}" --out "$OUTDIR"
+step stacking 120 "$PY" -m benchmarks.stacking --device "$DEVICE" "${STACK_ARGS[@]}" --out "$OUTDIR"
 step evaluation 150 "$PY" -m benchmarks.evaluation --device "$DEVICE" "${EVAL_ARGS[@]}" --out "$OUTDIR"
 
 echo "== summary ==" | tee -a "$LOG"
@@ -181,6 +191,30 @@ if packing:
             notes.append(f"Target (on a GPU, 4 packed small-model trials each keep >= 80% of their solo "
                          f"throughput): {'MET' if met else 'NOT MET'}, slowest of 4 at {r['worst_vs_solo']:.0%}.")
 
+stacking = load("stacking")
+if stacking:
+    env = env or stacking["environment"]
+    for r in stacking["rows"]:
+        rows.append((f"{r['model']}: {r['K']} trials stacked (vmap), trials/hour of training",
+                     r["stacked_trials_per_h"], r["sequential_trials_per_h"], r["stacked_vs_sequential"],
+                     f"the same {r['K']} one after another; auto picks {r['auto_picks']}; GPU busy "
+                     f"{num(r.get('stacked_gpu_util_pct'))}% vs {num(r.get('sequential_gpu_util_pct'))}%"))
+    # Trials/hour of the paper_mnist setting (LeNet-5, 20 epochs x 54,000 images): one trial at a time, packed
+    # processes (fractional GPUs) and stacks, all against one trial at a time.
+    run_images = 20 * 54_000
+    lenet = {r["K"]: r for r in stacking["rows"] if r["model"] == "lenet5"}
+    one = lenet[1]["sequential_trials_per_h"] if 1 in lenet else None
+    if packing and one:
+        for r in packing["rows"]:
+            per_h = r["total_images_per_s"] * 3600 / run_images
+            rows.append((f"lenet5: {r['concurrency']} packed processes, trials/hour of training", per_h, one,
+                         per_h / one, "one trial at a time"))
+    if one and max(lenet) > 1:
+        k = max(lenet)
+        ratio = lenet[k]["stacked_trials_per_h"] / one
+        notes.append(f"Target (stacked LeNet-5 trials >= 10x the trials/hour of one trial at a time): "
+                     f"{'MET' if ratio >= 10 else 'NOT MET'}, {ratio:.1f}x at K = {k}.")
+
 evaluation = load("evaluation")
 if evaluation:
     env = env or evaluation["environment"]
@@ -189,6 +223,16 @@ if evaluation:
                      r["reference_images_per_s"], r["ratio"],
                      ("pyautoattack" if r["comparison"].startswith("AutoAttack") else "torchattacks")
                      + f"; robust {r['ours_robust']:.3f} vs {r['reference_robust']:.3f}"))
+
+junit = out / "cuda_tests.xml"
+if junit.exists():
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    notes.insert(0, f"CUDA tests (pytest -m gpu): {counts['tests']} run, {counts['failures']} failed, "
+                    f"{counts['errors']} errors, {counts['skipped']} skipped.")
 
 lines = []
 if env:
@@ -200,7 +244,7 @@ lines += [f"| {b} | {num(o)} | {num(base)} | {num(r)} | {what} |" for b, o, base
 lines.append("")
 lines.append("Ratio > 1: ours is faster than the baseline measured in the same run; for packing, how many solo "
              "trials' worth of images the packed trials process together.")
-for name in ("train_throughput", "attack_throughput", "trial_profile", "packing", "evaluation"):
+for name in ("train_throughput", "attack_throughput", "trial_profile", "packing", "stacking", "evaluation"):
     if not (out / f"{name}.json").exists():
         notes.append(f"{name}.json missing: that step produced no result.")
 notes += [f"FAILED: {f}" for f in failed]

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         in_process(spec)  # warm-up: imports, dataset cache, allocator
         baseline = in_process(spec)
         start = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
         ray_start = time.perf_counter() - start
         start = time.perf_counter()
         result = run_sweep(spec, tracking_uri=url, storage=tmp / "ray")

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     spec = load_spec(profile_spec(args.seeds, args.epochs, device.type, plots=not args.no_plots,
                                   max_examples=args.max_examples))
     with fresh_tracking_server("gce-bench-profile-") as (url, tmp):  # gpu.sh cleans up by this name
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
         result = run_sweep(spec, tracking_uri=url, storage=tmp / "ray")
         ray.shutdown()
         assert result.errors == 0, "a profiled trial failed"

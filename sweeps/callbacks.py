@@ -42,14 +42,17 @@ class RunClosingCallback(Callback):
         return {**self.__dict__, "_logger": None}
 
     def _close(self, trial, status: str, profile: bool = False, **kwargs: Any) -> None:
-        run = self.logger.find_run(self.record.sweep_id, trial.trial_id)
-        if run is not None and run.info.status == "RUNNING":
-            result = trial.last_result or {}
-            if profile:  # the trial's own profile up to its stop (the trial could not log it: it was stopped)
-                times = {k: v for k, v in result.items() if k.startswith(("time/", "mem/"))}
-                if times:
-                    self.logger.log_metrics(run.info.run_id, times, step=int(result.get("epoch", 0)))
-            self.logger.end_run(run.info.run_id, status, **kwargs)
+        from sweeps.stacking import member_trial_ids
+
+        for trial_id in member_trial_ids(trial):  # a stack's members each have their run
+            run = self.logger.find_run(self.record.sweep_id, trial_id)
+            if run is not None and run.info.status == "RUNNING":
+                result = trial.last_result or {}
+                if profile:  # the trial's own profile up to its stop (the trial could not log it: it was stopped)
+                    times = {k: v for k, v in result.items() if k.startswith(("time/", "mem/"))}
+                    if times:
+                        self.logger.log_metrics(run.info.run_id, times, step=int(result.get("epoch", 0)))
+                self.logger.end_run(run.info.run_id, status, **kwargs)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         epoch = (trial.last_result or {}).get("epoch", "?")

@@ -120,8 +120,8 @@ def validate(
 
     loaded = _load(spec, smoke, set_)
     console = Console(soft_wrap=True)
-    console.print(f"spec {loaded.name!r} is valid: experiment {loaded.experiment!r}, {loaded.trial_count()} trial(s), "
-                  f"search {loaded.search.algorithm}, scheduler {loaded.scheduler.name}, "
+    console.print(f"spec {loaded.name!r} is valid: experiment {loaded.experiment!r}, {loaded.trial_count()} trial(s)"
+                  f"{loaded.stacks_text()}, search {loaded.search.algorithm}, scheduler {loaded.scheduler.name}, "
                   f"objective {', '.join(f'{o.metric} ({o.mode})' for o in loaded.objectives)}")
     if loaded.search.algorithm == "grid":
         trials = [(p, s) for p in loaded.grid_points() for s in loaded.seeds]
@@ -311,3 +311,4 @@ def _finish(console, result) -> None:
 
 if __name__ == "__main__":
     app()
+

@@ -146,8 +146,8 @@ def _announce(console, record: SweepRecord, experiment_id: str) -> None:
     from tracking.views import sweep_url
 
     spec = record.sweep_spec
-    console.print(f"sweep {record.sweep_id}: {spec.trial_count()} trial(s), search {spec.search.algorithm}, "
-                  f"scheduler {spec.scheduler.name}")
+    console.print(f"sweep {record.sweep_id}: {spec.trial_count()} trial(s){spec.stacks_text()}, "
+                  f"search {spec.search.algorithm}, scheduler {spec.scheduler.name}")
     console.print(f"MLflow UI: {sweep_url(record.tracking_uri, experiment_id, record.sweep_id)}", soft_wrap=True)
     console.print(f"parent run: {record.parent_run_id}")
 
@@ -253,14 +253,26 @@ def _tuner(record: SweepRecord, restore: bool, console):
 
 
 def _result(record: SweepRecord, grid) -> SweepResult:
+    """Counted in trials: a stack of K trials (one Ray trial) counts K, its diverged members as errors."""
     objective = record.sweep_spec.objectives[0]
     metric = objective.metric
     finished = [r for r in grid if r.error is None and r.metrics and metric in r.metrics]
     best = None
     if finished:
         top = (max if objective.mode == "max" else min)(finished, key=lambda r: r.metrics[metric])
-        best = {"metric": metric, "value": top.metrics[metric], "config": top.config}
-    return SweepResult(record, len(grid), grid.num_errors, best, len(grid) - grid.num_terminated - grid.num_errors)
+        config = top.config
+        if "members" in config:  # a stack reports its best member's metrics, and which member that is
+            config = config["members"][int(top.metrics.get("stack/best_member", 0))]
+        best = {"metric": metric, "value": top.metrics[metric], "config": config}
+
+    def size(r) -> int:
+        return len((r.config or {}).get("members") or [None])
+
+    trials = sum(size(r) for r in grid)
+    errors = sum(size(r) for r in grid if r.error is not None) + \
+        sum(int((r.metrics or {}).get("stack/failed", 0)) for r in grid if r.error is None)
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors  # Ray trials (a stack is one)
+    return SweepResult(record, trials, errors, best, unfinished)
 
 
 def refuse_loopback(address: str | None, uri: str, who: str) -> None:

@@ -23,7 +23,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from sweeps.callbacks import _why
-from sweeps.search import describe, trial_assignment
+from sweeps.search import assignment_text, describe, trial_assignment
 from sweeps.spec import SweepSpec
 
 __all__ = ["PROGRESS_EVERY_ENV", "ProgressCallback"]
@@ -57,7 +57,7 @@ class ProgressCallback(Callback):
                  refresh_s: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.spec = spec
         self.objectives = [(o.metric, o.mode) for o in spec.objectives]
-        self.total = spec.trial_count()
+        self.total = spec.ray_trial_count()  # Ray trials: a stack of trials counts once
         self.console = console or Console(soft_wrap=True)
         self.done = self.failed = self.stopped = 0
         self.best: tuple[float, str] | None = None
@@ -89,7 +89,7 @@ class ProgressCallback(Callback):
         self._running = {k: dataclasses.replace(v, started=now - v.started) for k, v in state["_running"].items()}
 
     def _assignment(self, config: dict[str, Any]) -> str:
-        return describe(*trial_assignment(config, self.spec))
+        return assignment_text(config, self.spec)
 
     # --- events: one line each, above the panel when there is one -----------------------------------------
     @_guarded
@@ -217,7 +217,15 @@ class ProgressCallback(Callback):
         if not _finite(value):  # a diverged trial (NaN) is done, but a NaN best would never be beaten
             return
         if self.best is None or (value > self.best[0] if mode == "max" else value < self.best[0]):
-            self.best = (value, f"{trial.trial_id} ({self._assignment(trial.config)})")
+            self.best = (value, self._best_label(trial))
+
+    def _best_label(self, trial) -> str:
+        """The trial and its assignment; of a stack, its best member's (the one its result reports)."""
+        members = (trial.config or {}).get("members")
+        if not members:
+            return f"{trial.trial_id} ({self._assignment(trial.config)})"
+        i = int((trial.last_result or {}).get("stack/best_member", 0))
+        return f"{trial.trial_id}.{i} ({describe(members[i]['point'], members[i]['seed'])})"
 
     def _sync(self, trials: list) -> None:
         """Tune's list is the truth: trials a restored driver ended before, or runs without a start event."""

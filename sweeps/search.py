@@ -16,21 +16,34 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import SweepSpec
 
-__all__ = ["describe", "param_space", "scheduler", "searcher", "trial_assignment"]
+__all__ = ["assignment_text", "describe", "param_space", "scheduler", "searcher", "trial_assignment"]
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
+    if spec.resources.stack > 1:  # one Ray trial per stack: its members' (point, seed) whole
+        return {"members": tune.grid_search(spec.stack_groups())}
     if spec.search.algorithm == "grid":
         return {"point": tune.grid_search(spec.grid_points()), "seed": tune.grid_search(list(spec.seeds))}
     return {}  # the Optuna searcher defines the space
 
 
 def trial_assignment(config: dict[str, Any], spec: SweepSpec) -> tuple[dict[str, Any], int]:
-    """(point, seed) of a trial: a grid trial carries them whole; an Optuna trial has one key per dimension."""
+    """(point, seed) of a trial: a grid trial carries them whole; an Optuna trial has one key per dimension; a
+    stack's, its first member's."""
+    if "members" in config:
+        config = config["members"][0]
     if "point" in config:
         return dict(config["point"]), int(config["seed"])
     point = {k: config[k] for k in spec.space if k in config and config[k] is not None}
     return point, int(config.get("seed", spec.seeds[0]))
+
+
+def assignment_text(config: dict[str, Any], spec: SweepSpec) -> str:
+    """A Ray trial's assignment in words; a stack's, each member's."""
+    if "members" in config:
+        members = config["members"]
+        return f"stack of {len(members)}: " + " | ".join(describe(m["point"], m["seed"]) for m in members)
+    return describe(*trial_assignment(config, spec))
 
 
 def describe(point: dict[str, Any], seed: int | None = None) -> str:

@@ -147,6 +147,13 @@ class SchedulerSpec(_Strict):
 class Resources(_Strict):
     cpu: Annotated[float, Field(gt=0)] = 1
     gpu: Annotated[float, Field(ge=0)] = 0
+    # Up to this many trials train as one stacked model in one Ray trial (gce.stacked), each still its own
+    # MLflow run; members may differ only in what keeps the model's shapes (seed, loss, α, lr, ε of AT).
+    # cpu/gpu are then per stack. Whether the stack runs vectorised is measured at its start.
+    stack: Annotated[int, Field(ge=1)] = 1
+    # A stack trains vectorised (torch.func) or its members one step after another (exactly the solo steps):
+    # null measures both at the stack's start and takes the faster; true/false force one.
+    vectorize: bool | None = None
 
     @model_validator(mode="after")
     def _gpu_fraction(self) -> Resources:
@@ -214,6 +221,13 @@ class SweepSpec(_Strict):
                              "and repeat the chosen configurations over seeds with a grid spec")
         if self.search.algorithm == "multi_objective" and self.scheduler.name != "none":
             raise ValueError("scheduler: ASHA stops on one metric; use scheduler.name 'none' with multi_objective")
+        if self.resources.stack > 1 and self.search.algorithm != "grid":
+            raise ValueError(f"resources.stack: stacked trials need search.algorithm 'grid' (every member's "
+                             f"configuration known before the stack starts), not {self.search.algorithm!r}; "
+                             "or set stack: 1")
+        if self.resources.stack > 1 and self.scheduler.name != "none":
+            raise ValueError("resources.stack: ASHA stops a whole Ray trial on one metric, and a stack's members "
+                             "differ; use scheduler.name 'none' with stack > 1, or set stack: 1")
         return self
 
     @property
@@ -230,6 +244,30 @@ class SweepSpec(_Strict):
         if self.search.algorithm == "grid":
             return len(self.grid_points()) * len(self.seeds) * self.search.num_samples
         return self.search.num_samples
+
+    def stack_groups(self) -> list[list[dict[str, Any]]]:
+        """The grid's trials ({point, seed}) in stacks of at most ``resources.stack``: trials whose configs share
+        a ``gce.stacked.stack_key`` (same shapes and step), in grid order."""
+        from gce.stacked import stack_key
+
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for point in self.grid_points():
+            for seed in self.seeds:
+                by_key.setdefault(stack_key(self.trial_config(point, seed)), []).append({"point": point, "seed": seed})
+        k = self.resources.stack
+        return [members[i:i + k] for members in by_key.values() for i in range(0, len(members), k)]
+
+    def ray_trial_count(self) -> int:
+        """Ray Tune trials: one per trial, or one per stack of trials."""
+        if self.resources.stack > 1:
+            return len(self.stack_groups()) * self.search.num_samples
+        return self.trial_count()
+
+    def stacks_text(self) -> str:
+        """' in N stack(s) of up to K' when the spec stacks trials, else ''."""
+        if self.resources.stack <= 1:
+            return ""
+        return f" in {self.ray_trial_count()} stack(s) of up to {self.resources.stack}"
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every assignment of the grid dimensions, conditional ones only where their `when` holds.

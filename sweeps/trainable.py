@@ -41,7 +41,7 @@ ATTEMPT_TAG, NODES_TAG = "gce.attempt", "gce.ray_nodes"  # attempts so far; thei
 LEDGER_FILE = "epochs.json"  # the metrics of every epoch the checkpoint covers
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=8)  # a stack's members may split by their own seeds
 def _dataset(name: str, root: str | None, download: bool, val_size: float, seed: int, limit: int | None):
     """Datasets are reused across trials of a reused actor (same split seed), not reloaded per trial."""
     from gce.data import load_dataset
@@ -74,6 +74,10 @@ class _Trial:
 def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
     """Tune's function trainable: open (or reopen) the trial's run, train with a report and checkpoint per
     epoch, evaluate, log the final metrics and close the run."""
+    if "members" in config:
+        from sweeps.stacking import train_stack
+
+        return train_stack(config, record)
     clock = _Clock()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "checkpoint created" line every epoch
     trial = _start(config, record, clock)
@@ -113,9 +117,9 @@ def train_trial(config: dict[str, Any], record: SweepRecord) -> None:
         trial.stop_monitor()
 
 
-def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial:
+def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock, trial_id: str | None = None) -> _Trial:
     """The trial's TrainConfig and its MLflow run, found by (sweep id, trial id): a restored or retried trial
-    continues its own run."""
+    continues its own run. ``trial_id``: a stack member's own id (default: the Ray trial's)."""
     from sweeps.runtime import import_plugins
     from tracking.logger import RunLogger
 
@@ -124,7 +128,7 @@ def _start(config: dict[str, Any], record: SweepRecord, clock: _Clock) -> _Trial
     point, seed = trial_assignment(config, spec)
     train_config = spec.trial_config(point, seed)
     torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial uses its CPU share, not the whole machine
-    trial_id = tune.get_context().get_trial_id()
+    trial_id = trial_id or tune.get_context().get_trial_id()
     # Unset options (α of a CE trial, no adversarial training) are left out, not logged as "None".
     params = {k: v for k, v in train_config.to_flat().items() if v is not None}
     params["sweep.point"] = describe(point)

@@ -20,7 +20,7 @@ def test_a_short_random_campaign_breaks_no_invariant(tmp_path):
     print(f"\nfault campaign seed {seed} (replay: GCE_FAULTS_SEED={seed} or python -m benchmarks.faults "
           f"--kills 3 --seed {seed})")
     try:
-        result = campaign(kills=3, seed=seed, root=tmp_path, targets=TARGETS, per_sweep=2)
+        result = campaign(kills=3, seed=seed, root=tmp_path, targets=TARGETS, per_sweep=2, stacks=(1, 2))
     finally:
         stop_server(tmp_path / "mlflow")
     print(f"FIGURES fault campaign: {result.summary()}")
