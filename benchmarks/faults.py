@@ -281,8 +281,9 @@ def calibrate(sandbox: Sandbox) -> float:
 
 def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int = 2, say=print,
              max_sweeps: int | None = None, stacks: tuple[int, ...] = (1,)) -> Campaign:
-    """Sweeps with random kills until ``kills`` have landed (or ``max_sweeps``, default 3 × kills, ran); each
-    sweep's trials in stacks of a size drawn from ``stacks`` (``resources.stack``; 1: unstacked)."""
+    """Sweeps with random kills until ``kills`` have landed (or ``max_sweeps``, default 3 × kills, ran); the
+    sweeps' trials in stacks of the sizes in ``stacks`` in turn, from the second (``resources.stack``; 1:
+    unstacked), so that a campaign of two sweeps or more meets every size."""
     max_sweeps = max_sweeps or 3 * kills
     rng = random.Random(seed)
     sandbox = Sandbox(root)
@@ -301,7 +302,7 @@ def campaign(kills: int, seed: int, root: Path, targets=TARGETS, per_sweep: int 
     while len([k for k in result.kills if k.phase != "missed"]) < kills and sweep < max_sweeps:
         sweep += 1
         logs, command = [], "run"
-        stack = rng.choice(stacks) if len(stacks) > 1 else stacks[0]
+        stack = stacks[sweep % len(stacks)]  # in turn (not drawn): a short campaign meets every size
         spec = sandbox.spec_for(sweep, stack)
         for _ in range(rng.randint(1, per_sweep)):
             plan = Kill(sweep, rng.choice(targets), command, rng.uniform(0, duration()))
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> Campaign:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--per-sweep", type=int, default=2)
-    parser.add_argument("--stacks", default="1,2", help="stack sizes drawn per sweep (resources.stack; 1: unstacked)")
+    parser.add_argument("--stacks", default="1,2", help="stack sizes of the sweeps in turn (1: unstacked)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a new temporary one)")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)

@@ -20,6 +20,7 @@ depend on the pixels' values.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +52,34 @@ def cifar_shaped(n: int = 4_500, seed: int = 0) -> DataBundle:
     return DataBundle(DATASETS["cifar10"].info, split(n), split(500), split(500), digest="random")
 
 
-def measure(trainer: StackedTrainer, seconds: float, batches: int) -> float:
+class Utilisation:
+    """The GPU's mean utilisation (NVML: % of the time a kernel ran) sampled every 0.2 s inside ``with``; None
+    on the CPU or without NVML."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.samples, self._stop = device, [], threading.Event()
+
+    def __enter__(self) -> Utilisation:
+        if self.device.type == "cuda":
+            threading.Thread(target=self._sample, daemon=True).start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.samples.append(float(torch.cuda.utilization(self.device)))
+            except Exception:  # no NVML: no figure, never a failed benchmark
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def measure(trainer: StackedTrainer, seconds: float, batches: int, util: Utilisation | None = None) -> float:
     """All members' training images per second over whole epochs for ``seconds`` of wall time.
 
     Epochs are ``batches`` steps, fewer where a step is slow (ResNet-20 on a CPU), so that several fit in the
@@ -66,12 +94,13 @@ def measure(trainer: StackedTrainer, seconds: float, batches: int) -> float:
         return sum(round(m["train/images_per_s"] * m["train/epoch_time_s"]) for m in metrics.values())
 
     epoch(1)  # warm-up: first-call kernels, allocator, cuDNN heuristics
-    start = time.perf_counter()
-    images = epoch(1)
-    steps = max(1, min(batches, int(seconds / (4 * (time.perf_counter() - start)))))
-    while time.perf_counter() - start < seconds:
-        images += epoch(steps)
-    return images / (time.perf_counter() - start)
+    with util or Utilisation(torch.device("cpu")):
+        start = time.perf_counter()
+        images = epoch(1)
+        steps = max(1, min(batches, int(seconds / (4 * (time.perf_counter() - start)))))
+        while time.perf_counter() - start < seconds:
+            images += epoch(steps)
+        return images / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -100,15 +129,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
             configs = [TrainConfig.from_dict({"data": {"dataset": s["dataset"]}, "model": {"name": model},
                                               "loss": {"name": "gce"}, "batch_size": s["batch_size"], "seed": seed,
                                               "epochs": 10_000, "device": str(device)}) for seed in range(k)]
-            rates = {}
+            rates, utils = {}, {}
             for vectorize in (False, True):
                 trainer = StackedTrainer(configs, data, vectorize=vectorize)
-                rates[vectorize] = measure(trainer, args.seconds, args.batches)
+                utils[vectorize] = Utilisation(device)
+                rates[vectorize] = measure(trainer, args.seconds, args.batches, utils[vectorize])
             auto = trainer.measure(repeats=2, passes=1)  # what vectorize=None would pick (a short measurement)
             rows.append({"model": model, "K": k, "stacked_images_per_s": rates[True],
                          "sequential_images_per_s": rates[False], "stacked_vs_sequential": rates[True] / rates[False],
                          "stacked_trials_per_h": rates[True] * 3600 / run_images,
                          "sequential_trials_per_h": rates[False] * 3600 / run_images,
+                         "stacked_gpu_util_pct": utils[True].mean, "sequential_gpu_util_pct": utils[False].mean,
                          "auto_picks": "stacked" if auto.vectorize else "sequential",
                          "auto_speedup": auto.speedup})
             print(f"{model} K={k}: stacked {rates[True]:,.0f} images/s, sequential {rates[False]:,.0f} "

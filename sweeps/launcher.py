@@ -271,7 +271,9 @@ def _result(record: SweepRecord, grid) -> SweepResult:
     trials = sum(size(r) for r in grid)
     errors = sum(size(r) for r in grid if r.error is not None) + \
         sum(int((r.metrics or {}).get("stack/failed", 0)) for r in grid if r.error is None)
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors  # Ray trials (a stack is one)
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if record.sweep_spec.resources.stack > 1:  # in trials: a stack that ended reported its size
+        unfinished = sum(size(r) for r in grid if r.error is None and "stack/size" not in (r.metrics or {}))
     return SweepResult(record, trials, errors, best, unfinished)
 
 

@@ -169,6 +169,7 @@ def remote_nodes(address: str) -> list[str]:
 
     connected = ray.is_initialized()
     if not connected:
+        check_address(address)  # a cluster that is down: the one-line refusal, not Ray's connection timeout
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     try:
         ips = {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from sweeps.trainable import (
     _start,
     _Trial,
 )
+from tracking.connection import TrackingUnavailable
 
 __all__ = ["MEMBER_TAG", "STACK_TAG", "member_trial_id", "member_trial_ids", "train_stack"]
 
@@ -80,21 +82,40 @@ def train_stack(config: dict[str, Any], record: SweepRecord) -> None:
             if spec.system_metrics.enabled:
                 lead.monitor = lead.logger.monitor_system(lead.run_id, spec.system_metrics.interval_s)
             results, train_s = _train_members([trials[i] for i in pending], record, stack_id)
+            unavailable = None
             for i, result in reversed(list(zip(pending, results, strict=True))):  # the lead last: its sampler
                 trial = trials[i]
                 if result.error is not None:  # diverged: this member fails, the others were trained on
+                    trial.stop_monitor()
                     trial.logger.log_text(trial.run_id, f"{type(result.error).__name__}: {result.error}\n",
                                           "error/traceback.txt")
                     trial.logger.end_run(trial.run_id, "FAILED", error=result.error)
                     failed += 1
                 else:
-                    finals[i] = {**result.trainer.evaluate(), **_finish(trial, result, train_s)}
+                    try:  # one member's failed evaluation fails that member, not its stack-mates
+                        finals[i] = {**result.trainer.evaluate(), **_finish(trial, result, train_s)}
+                    except Exception as err:
+                        trial.stop_monitor()
+                        try:
+                            trial.logger.log_text(trial.run_id, traceback.format_exc(), "error/traceback.txt")
+                        finally:
+                            trial.logger.end_run(trial.run_id, "FAILED", error=err)
+                        failed += 1
+                        if isinstance(err, TrackingUnavailable):  # the driver must learn of the outage
+                            unavailable = err
                 ended.add(i)
+            if unavailable is not None:
+                raise unavailable
         if not finals:
             raise RuntimeError(f"every member of stack {stack_id} failed")
         objective = spec.objectives[0]
-        pick = max if objective.mode == "max" else min
-        best = pick(finals, key=lambda i: finals[i].get(objective.metric, float("nan")))
+        sign = 1.0 if objective.mode == "max" else -1.0
+
+        def rank(i: int) -> float:  # a NaN objective (a diverged evaluation) never wins
+            value = finals[i].get(objective.metric, float("nan"))
+            return sign * value if value == value else float("-inf")
+
+        best = max(finals, key=rank)
         tune.report({**finals[best], "epoch": max(t.config.epochs for t in trials), "stack/best_member": best,
                      "stack/size": len(members), "stack/failed": failed})
     except SystemExit:  # stopped by Tune (driver shutdown): the driver's callbacks close the runs
@@ -138,24 +159,21 @@ def _train_members(trials: list[_Trial], record: SweepRecord, stack_id: str):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ledgers: dict[str, dict[int, dict[str, float]]] = {t.trial_id: {} for t in trials}
-    latest: dict[str, Any] = {}  # each member's trainer as of its last epoch (a stopped one keeps its last)
 
     def report(ends) -> None:
         for end in ends:
             trial = trials[end.trainer.index]
             ledgers[trial.trial_id][end.epoch] = end.metrics
-            latest[trial.trial_id] = end.trainer
+            # Each member's checkpoint as of *its* last epoch end, written now: a member that waits, stops or
+            # later diverges keeps its last good state in every checkpoint after.
+            folder = snapshots / trial.trial_id
+            end.trainer.save_checkpoint(folder / CHECKPOINT_FILE)
+            (folder / LEDGER_FILE).write_text(json.dumps(ledgers[trial.trial_id]))
             if end.epoch > trial.logged_epochs:
                 with clock("log"):
                     trial.logger.log_metrics(trial.run_id, end.metrics, step=end.epoch)
         with clock("report"), tempfile.TemporaryDirectory() as ckpt_dir:
-            for trial in trials:
-                trainer = latest.get(trial.trial_id)
-                if trainer is None:
-                    continue
-                folder = Path(ckpt_dir) / trial.trial_id
-                trainer.save_checkpoint(folder / CHECKPOINT_FILE)
-                (folder / LEDGER_FILE).write_text(json.dumps(ledgers[trial.trial_id]))
+            shutil.copytree(snapshots, ckpt_dir, dirs_exist_ok=True)
             accs = [e.metrics.get("val/clean_acc", float("nan")) for e in ends]
             profile = clock.metrics(time.perf_counter() - started, 0.0) | _peak_memory(device)
             tune.report({"epoch": max(e.epoch for e in ends), "val/clean_acc": max(accs), **profile},
@@ -163,7 +181,8 @@ def _train_members(trials: list[_Trial], record: SweepRecord, stack_id: str):
         _prune_checkpoints(record, stack_id)
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as kept:
+        snapshots = Path(kept)
         paths: list[Path | None] = [None] * len(trials)
         resume = tune.get_checkpoint()
         if resume is not None:
@@ -173,6 +192,7 @@ def _train_members(trials: list[_Trial], record: SweepRecord, stack_id: str):
                 if path.exists():
                     paths[j] = path
                     _restored(trial, ledgers[trial.trial_id], path.parent / LEDGER_FILE)
+                    shutil.copytree(path.parent, snapshots / trial.trial_id)  # until its next epoch end
         results = fit_stacked(configs, [report], data=datas, resume_from=paths, on_diverged="leave",
                               vectorize=record.sweep_spec.resources.vectorize)
     decision = results[0].decision
