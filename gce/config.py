@@ -9,6 +9,7 @@ sweep spec (sweeps/) validates its own layer and builds these.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from gce.attacks import AttackConfig
 
 __all__ = [
+    "AdvTrainingConfig",
     "ConfigError",
     "DataConfig",
     "LossConfig",
@@ -32,6 +34,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+EPS_SCHEDULES = ("linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -145,6 +148,53 @@ class ScheduleConfig:
 
 
 @dataclass
+class AdvTrainingConfig:
+    """How ``adversarial`` training runs (``gce.train``); ignored when ``adversarial`` is null.
+
+    PGD-AT at a large ε from scratch can collapse to a constant prediction (MNIST, ε = 0.3, Adam 1e-3: two seeds
+    of three); ramping the attack up from a weak one lets the model learn the clean task first.
+
+    - ``eps_warmup_epochs``: the training attack's ε ramps from ~0 to ``adversarial.eps`` over these epochs
+      (fractions allowed), updated every batch; 0 = off. ``eps_schedule``: the ramp's shape, "linear" or
+      "cosine" (slow at both ends). The step size follows: 2.5·ε_t/steps_t when ``adversarial.step_size`` is
+      null, else the configured one scaled by (ε_t/ε)·(steps/steps_t).
+    - ``steps_warmup_epochs``: the attack's steps ramp linearly from 1 to ``adversarial.steps``; 0 = off.
+    - ``clean_weight``: w of loss = (1-w)·L(x_adv) + w·L(x); 0 = Madry et al.'s pure adversarial loss.
+    - ``val_steps``, ``val_examples``: every epoch, ``val/adv_acc`` = accuracy under PGD (CE loss, random
+      start) at the full ``adversarial.eps`` and its norm, with ``val_steps`` steps, on the first
+      ``val_examples`` validation images (fixed subset, fixed random start: epochs compare like with like).
+    - ``early_stop_patience``: stop once ``val/adv_acc`` has not improved for this many epochs and end with the
+      best epoch's weights (robust overfitting, Rice et al. 2020, https://arxiv.org/abs/2002.11569); null = off.
+
+    The inner attack's loss is ``adversarial.loss``: null/"ce" = cross-entropy, "train" = the model's own
+    training objective (GCE; CE + complement entropy for COT).
+    """
+
+    eps_warmup_epochs: float = 0
+    eps_schedule: str = "linear"
+    steps_warmup_epochs: float = 0
+    clean_weight: float = 0.0
+    val_steps: int = 10
+    val_examples: int = 500
+    early_stop_patience: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(is_number(self.eps_warmup_epochs, 0), "adv_training.eps_warmup_epochs", "a number of epochs >= 0",
+                 self.eps_warmup_epochs)
+        _require(self.eps_schedule in EPS_SCHEDULES, "adv_training.eps_schedule", f"one of {list(EPS_SCHEDULES)}",
+                 self.eps_schedule)
+        _require(is_number(self.steps_warmup_epochs, 0), "adv_training.steps_warmup_epochs",
+                 "a number of epochs >= 0", self.steps_warmup_epochs)
+        _require(is_number(self.clean_weight) and 0 <= self.clean_weight <= 1, "adv_training.clean_weight",
+                 "a number in [0, 1]", self.clean_weight)
+        _require(is_int(self.val_steps), "adv_training.val_steps", "an integer >= 1", self.val_steps)
+        _require(is_int(self.val_examples), "adv_training.val_examples", "an integer >= 1", self.val_examples)
+        patience = self.early_stop_patience
+        _require(patience is None or is_int(patience), "adv_training.early_stop_patience", "null or an integer >= 1",
+                 patience)
+
+
+@dataclass
 class TrainConfig:
     """Everything ``gce.train.fit`` needs; the defaults are the paper's MNIST setup (authors' code)."""
 
@@ -162,8 +212,9 @@ class TrainConfig:
     compile: bool = False
     max_batches: int | None = None  # per epoch (smoke runs)
     adversarial: AttackConfig | None = None  # PGD adversarial training (Madry et al. 2018) when set
+    adv_training: AdvTrainingConfig = field(default_factory=AdvTrainingConfig)  # its schedules, mix, stopping
 
-    _SECTIONS = ("data", "model", "loss", "optim", "schedule")
+    _SECTIONS = ("data", "model", "loss", "optim", "schedule", "adv_training")
 
     def __post_init__(self) -> None:
         _require(is_int(self.epochs), "train.epochs", "an integer >= 1", self.epochs)
@@ -178,6 +229,14 @@ class TrainConfig:
             from gce.attacks import AttackConfig
 
             self.adversarial = AttackConfig(**self.adversarial)
+        if isinstance(self.adv_training, dict):
+            self.adv_training = AdvTrainingConfig(**_known(AdvTrainingConfig, self.adv_training, "adv_training"))
+        if self.adversarial is not None:
+            from gce.attacks import ATTACKS
+
+            norm = self.adversarial.norm or ATTACKS[self.adversarial.name].norms[0]
+            _require(norm in ("linf", "l2") and math.isfinite(self.adversarial.eps), "adversarial",
+                     "an L∞ or L2 attack of finite ε (val/adv_acc runs PGD at its ε and norm)", self.adversarial)
 
     # --- conversions -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +250,7 @@ class TrainConfig:
         """Build from a nested dict; unknown keys are errors that name the key and the known ones."""
         d = dict(d)
         sections = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
-                    "schedule": ScheduleConfig}
+                    "schedule": ScheduleConfig, "adv_training": AdvTrainingConfig}
         kwargs: dict[str, Any] = {}
         for name, klass in sections.items():
             if name in d:

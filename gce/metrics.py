@@ -8,7 +8,8 @@ names, so an ε is written ``eps_0.3`` (``val/robust_acc/pgd/eps_0.3``) in gce, 
 Keys, by family (``<split>`` is ``val`` or ``test``; L∞ is the default norm and carries no suffix):
 
 - per epoch: ``train/loss``, ``train/acc``, ``train/images_per_s``, ``train/epoch_time_s``, ``train/lr``,
-  ``val/loss``, ``val/clean_acc``, ``epoch``;
+  ``val/loss``, ``val/clean_acc``, ``epoch``; with adversarial training also ``val/adv_acc`` (PGD accuracy at the
+  training ε on a fixed validation subset, ``gce.config.AdvTrainingConfig``: early stopping's metric);
 - robustness: ``<split>/clean_acc``, ``<split>/robust_acc/<attack label>/eps_<ε>`` (``robust_acc_chain/`` for
   the cumulative numbers of a chain: a non-standalone evaluation, and AutoAttack's members
   ``autoattack.<member>``), ``<split>/robust_acc/worst_case[-<norm>]/eps_<ε>``, and the
@@ -30,13 +31,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["EPOCH", "LATENT", "MetricSet", "RobustKey", "check_key", "clean_key", "expected", "format_eps",
+__all__ = ["ADV_ACC", "EPOCH", "LATENT", "MetricSet", "RobustKey", "check_key", "clean_key", "expected", "format_eps",
            "latent_key", "parse_robust", "robust_key", "time_key", "worst_case_key"]
 
 SPLITS = ("val", "test")
 #: What every epoch reports (``gce.train.fit``); ASHA can compare any of them but ``epoch``.
 EPOCH = ("train/loss", "train/acc", "train/images_per_s", "train/epoch_time_s", "train/lr", "val/loss",
          "val/clean_acc", "epoch")
+#: Per epoch, only when the trial trains adversarially (``gce.train``).
+ADV_ACC = "val/adv_acc"
 LATENT = ("silhouette", "inter_class", "intra_class", "inter_intra_ratio")
 #: A trial's profile: seconds per phase (``time/<phase>_s``) and shares of the trial's wall time.
 TIME_PHASES = ("run_start", "data", "train", "fit_compute", "log", "report", "eval", "artifacts", "trial")
@@ -126,10 +129,12 @@ def parse_robust(key: str) -> RobustKey | None:
 @dataclass(frozen=True)
 class MetricSet:
     """The keys a trial of a spec reports: ``exact`` ones always, ``families`` (prefixes) whose members depend
-    on outcomes. An objective must name an exact key."""
+    on outcomes. An objective must name an exact key; ``per_epoch``: the exact keys reported every epoch (what
+    ASHA can compare)."""
 
     exact: frozenset[str]
     families: tuple[str, ...] = ()
+    per_epoch: frozenset[str] = frozenset(EPOCH)
 
     def __contains__(self, key: str) -> bool:
         return key in self.exact or key.startswith(self.families)
@@ -139,12 +144,17 @@ class MetricSet:
 
 
 def expected(attacks: Iterable, *, test: bool = True, standalone: bool = True, checks: bool = True,
-             cuda: bool = False, system: bool = False) -> MetricSet:
+             cuda: bool = False, system: bool = False, adversarial: str = "none") -> MetricSet:
     """What a finished trial reports, per epoch and at the end, for an evaluation with ``attacks``
     (``gce.attacks.AttackConfig`` objects, one per ε) on val (and test). The norm of each attack comes from
-    ``norm_of`` in ``gce.evaluate``, imported here lazily so that this module needs no torch when given none."""
+    ``norm_of`` in ``gce.evaluate``, imported here lazily so that this module needs no torch when given none.
+    ``adversarial``: how many trials train adversarially, "all" | "some" | "none": ``val/adv_acc`` is an exact
+    per-epoch key for "all", a key some trials report (a family, never an objective) for "some"."""
+    if adversarial not in ("all", "some", "none"):
+        raise ValueError(f"adversarial must be 'all', 'some' or 'none'; got {adversarial!r}")
     attacks = list(attacks)
-    keys = set(EPOCH) | {EVAL_CLEAN, PEAK_RSS, *(time_key(p) for p in TIME_PHASES), *map(share_key, TIME_SHARES)}
+    per_epoch = set(EPOCH) | ({ADV_ACC} if adversarial == "all" else set())
+    keys = set(per_epoch) | {EVAL_CLEAN, PEAK_RSS, *(time_key(p) for p in TIME_PHASES), *map(share_key, TIME_SHARES)}
     keys |= {latent_key("val", name) for name in LATENT}
     if cuda:
         keys.add(CUDA_PEAK)
@@ -167,4 +177,5 @@ def expected(attacks: Iterable, *, test: bool = True, standalone: bool = True, c
                 keys |= {robust_key(split, label, cfg.eps, chain=True) for label in member_labels(cfg.version)}
     # Diagnostics run when the headline threat model is L∞ (the primary norm is L∞ whenever an attack uses it).
     families = (CHECK_PREFIX,) if checks and "linf" in norms.values() else ()
-    return MetricSet(frozenset(keys), families + ((SYSTEM_PREFIX,) if system else ()))
+    families += (ADV_ACC,) if adversarial == "some" else ()
+    return MetricSet(frozenset(keys), families + ((SYSTEM_PREFIX,) if system else ()), frozenset(per_epoch))

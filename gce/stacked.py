@@ -10,7 +10,9 @@ backward sends each member's gradient to its own parameters and each member's ow
 BatchNorm running statistics, updated in place on the stacked buffers, are copied back to each member.
 
 Only factors that keep the model's shapes and the step's structure may differ between members (``stack_key``):
-seed, loss (non-COT; COT only with COT), α/normalisation, lr, weight decay and adversarial ε.
+seed, loss (non-COT; COT only with COT), α/normalisation, lr, weight decay and adversarial ε. Adversarial
+training's schedules, clean/adversarial mix and early stopping (``adv_training``) are shared, and each member
+applies them to itself as its solo run does: its own warmed-up ε, its own val/adv_acc, its own stop and restore.
 
 Vectorised convolutions may sum in another order than the solo ones: members then equal their solo runs to
 float rounding (see tests/test_stacked.py for the measured differences), not bit for bit. ``vectorize=False``
@@ -242,7 +244,7 @@ class StackedTrainer:
             raise StackError(f"data: members' training splits differ in size (examples, batches per epoch): "
                              f"{[(len(m.data.train), len(m.train_loader)) for m in self.members]}; stacked "
                              "members need the same batch shapes at every step")
-        self.active: list[int] = [m.index for m in self.members if m.epoch < m.config.epochs]
+        self.active: list[int] = [m.index for m in self.members if m.epoch < m.config.epochs and not m.should_stop()]
         self.errors: dict[int, TrainingDiverged] = {}
         template = copy.deepcopy(self.members[0].model).train()
         for p in template.parameters():
@@ -282,20 +284,23 @@ class StackedTrainer:
         corrects = [torch.zeros((), device=self.device, dtype=torch.long) for _ in ms]
         seen = [0] * len(ms)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        n_batches = len(ms[0].train_loader)
         sync()
         start = time.perf_counter()
-        for batches in zip(*(iter(m.train_loader) for m in ms), strict=True):
-            xs, ys = [], []
+        for b, batches in enumerate(zip(*(iter(m.train_loader) for m in ms), strict=True)):
+            xs, ys, cleans = [], [], []
             for m, (x, y) in zip(ms, batches, strict=True):
                 if m.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                clean = None
                 if m.attack is not None:  # the member's own attack on its own model, from its own stream
                     with m.rng.active():
-                        x = m.attack(m.model, x, y)
-                    m.model.train()
+                        x, clean = m.adversarial_inputs(x, y, b, n_batches)
                 xs.append(x)
                 ys.append(y)
-            outs = self._stacked_step(ms, xs, ys) if self.vectorize else self._sequential_step(ms, xs, ys)
+                cleans.append(clean)
+            step = self._stacked_step if self.vectorize else self._sequential_step
+            outs = step(ms, xs, ys, cleans)
             for j, (logits, loss) in enumerate(outs):
                 loss_sums[j] += loss * ys[j].shape[0]
                 corrects[j] += (logits.argmax(1) == ys[j]).sum()
@@ -332,11 +337,11 @@ class StackedTrainer:
             return [(cross_entropy, m.optimizer), (m.complement_fn, m.complement_optimizer)]
         return [(m.loss_fn, m.optimizer)]
 
-    def _sequential_step(self, ms: list[_Member], xs, ys) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _sequential_step(self, ms: list[_Member], xs, ys, cleans) -> list[tuple[torch.Tensor, torch.Tensor]]:
         outs = []
-        for m, x, y in zip(ms, xs, ys, strict=True):
+        for m, x, y, clean in zip(ms, xs, ys, cleans, strict=True):
             with m.rng.active():
-                results = [m._step(fn, x, y, opt) for fn, opt in self._phases(m)]
+                results = [m._step(fn, x, y, opt, clean) for fn, opt in self._phases(m)]
             loss = results[0][1]
             for _, more in results[1:]:  # COT: ce + complement, as solo
                 loss = loss + more
@@ -369,15 +374,21 @@ class StackedTrainer:
                 torch._foreach_copy_(dst, src)
         return logits
 
-    def _stacked_step(self, ms: list[_Member], xs, ys) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _stacked_step(self, ms: list[_Member], xs, ys, cleans) -> list[tuple[torch.Tensor, torch.Tensor]]:
         indices = [m.index for m in ms]
         x = torch.stack(xs)
+        clean = None if cleans[0] is None else torch.stack(cleans)  # the mix's weight is shared by all members
+        w = ms[0].config.adv_training.clean_weight
         phases = [self._phases(m) for m in ms]
         first_logits, totals = None, None
         for phase in range(len(phases[0])):
-            with ms[0]._autocast():
+            with ms[0]._autocast():  # as Trainer._step: the adversarial forward, then the clean one
                 logits = self._stacked_forward(indices, x)
+                clean_logits = None if clean is None else self._stacked_forward(indices, clean)
             losses = [phases[k][phase][0](logits[k].float(), ys[k]) for k in range(len(ms))]
+            if clean_logits is not None:
+                losses = [(1 - w) * loss + w * phases[k][phase][0](clean_logits[k].float(), ys[k])
+                          for k, loss in enumerate(losses)]
             for k in range(len(ms)):
                 phases[k][phase][1].zero_grad(set_to_none=True)
             # Each member's parameters reach only its own loss: the sum's gradient is each member's own.
@@ -509,22 +520,26 @@ def fit_stacked(configs: Sequence[TrainConfig], callbacks: Sequence[Callback] = 
                 if on_diverged == "raise":
                     raise err
         ends = []
+        patience_out = []
         for index, metrics in trained.items():
             metrics.update(stack.evaluate(index))
             metrics["epoch"] = stack.members[index].epoch
             results[index].history.append(metrics)
+            patience_out.append(stack.members[index].track(metrics))  # as fit: before the callbacks' checkpoints
             ends.append(EpochEnd(stack.members[index].epoch, metrics, stack.members[index]))
         if not ends:
             continue
         stops = [False] * len(ends)
         for cb in callbacks:
             stops = [a or b for a, b in zip(_stop_flags(cb(ends), len(ends)), stops, strict=True)]
-        for end, stop in zip(ends, stops, strict=True):
+        for end, stop, out in zip(ends, stops, patience_out, strict=True):
             member = end.trainer
-            if stop:
-                results[member.index].stopped_early = True
+            if stop or out:
+                results[member.index].stopped_early = stop or member.epoch < member.config.epochs
                 stack.stop(member.index)
             elif member.epoch >= member.config.epochs:
                 stack.stop(member.index)
+    for result, member in zip(results, stack.members, strict=True):
+        result.kept_epoch = member.restore_best()
     return results
 

