@@ -291,8 +291,13 @@ class Trainer:
     # --- early stopping on val/adv_acc ----------------------------------------------------------------------
     def track(self, metrics: dict[str, float]) -> bool:
         """Under early stopping, remember this epoch (its weights too) if its val/adv_acc is the best so far;
-        whether training should stop now."""
-        if self.config.adv_training.early_stop_patience is None or ADV_ACC not in metrics:
+        whether training should stop now. Epochs still warming up are not candidates: val/adv_acc is measured at
+        the full ε, where a model trained at a fraction of it scores ~0, and a tie of zeros would otherwise stop
+        the run before the full ε was ever trained and keep a warm-up epoch."""
+        at = self.config.adv_training
+        if at.early_stop_patience is None or ADV_ACC not in metrics:
+            return False
+        if self.epoch < math.ceil(max(at.eps_warmup_epochs, at.steps_warmup_epochs)):
             return False
         if self.best is None or metrics[ADV_ACC] > self.best["value"]:
             self.best = {"epoch": self.epoch, "value": metrics[ADV_ACC],
@@ -308,8 +313,8 @@ class Trainer:
         """Load the best epoch's weights when early stopping tracked one; the epoch whose weights the model holds."""
         if self.best is None:
             return self.epoch
-        if self.best["epoch"] != self.epoch:
-            self.model.load_state_dict(self.best["model"])
+        # Always: the epoch number alone does not prove the weights (a failed epoch moves them without counting).
+        self.model.load_state_dict(self.best["model"])
         return int(self.best["epoch"])
 
     # --- checkpoints ---------------------------------------------------------------------------------------
@@ -378,6 +383,8 @@ def fit(config: TrainConfig, callbacks: Sequence[Callable[[EpochEnd], bool | Non
         if stop or patience_out:
             result.stopped_early = stop or trainer.epoch < config.epochs
             break
+    # A run resumed from a checkpoint already past its patience trains nothing more: it, too, stopped early.
+    result.stopped_early = result.stopped_early or (trainer.should_stop() and trainer.epoch < config.epochs)
     result.kept_epoch = trainer.restore_best()
     return result
 

@@ -203,6 +203,17 @@ def test_early_stopping_keeps_the_best_epoch_weights(tiny, monkeypatch):
     assert not all(torch.equal(final[k], states[4][k]) for k in final)
 
 
+def test_warmup_epochs_are_not_candidates_for_early_stopping(tiny, monkeypatch):
+    # At the full ε a model still warming up scores ~0: a tie of zeros must not stop the run (patience 1 would
+    # stop after epoch 2 and keep epoch 1) nor may a warm-up epoch be kept.
+    scripted(monkeypatch, [0.01, 0.0, 0.0, 0.2, 0.1, 0.1])
+    cfg = config(epochs=6, adversarial={"name": "pgd", "eps": 0.3, "steps": 2},
+                 adv_training={"eps_warmup_epochs": 2.5, "early_stop_patience": 2})
+    result = fit(cfg, data=tiny)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]  # epoch 3 first counts (ε full by its end)
+    assert result.kept_epoch == 4 and not result.stopped_early
+
+
 def test_patience_never_exhausted_trains_every_epoch_and_keeps_the_best(tiny, monkeypatch):
     scripted(monkeypatch, [0.2, 0.4, 0.3, 0.0])  # the last for the run without patience
     cfg = config(epochs=3, adversarial={"name": "pgd", "eps": 0.3, "steps": 2},
@@ -227,22 +238,24 @@ def same_history(a, b) -> bool:
 
 @pytest.mark.parametrize("loss", ["gce", "cot"])
 def test_resume_mid_warmup_equals_the_uninterrupted_run(tiny, tmp_path, loss):
-    cfg = config(epochs=3, loss={"name": loss}, **WARMING)
+    cfg = config(epochs=4, loss={"name": loss}, **WARMING)
     straight = fit(cfg, data=tiny)
-    ckpt = tmp_path / "epoch1.pt"
+    ckpts = {}
 
-    def save_then_stop(end):
-        end.trainer.save_checkpoint(ckpt)
-        return True
+    def save(end):
+        ckpts[end.epoch] = end.trainer.save_checkpoint(tmp_path / f"epoch{end.epoch}.pt")
+        return end.epoch == 3
 
-    fit(cfg, callbacks=[save_then_stop], data=tiny)
-    state = torch.load(ckpt, weights_only=True)
-    assert state["best"]["epoch"] == 1 and set(state["best"]["model"]) == set(state["model"])
-    resumed = fit(cfg, data=tiny, resume_from=ckpt)
-    assert same_history(resumed.history, straight.history[1:])
-    assert resumed.kept_epoch == straight.kept_epoch
-    a, b = resumed.model.state_dict(), straight.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in b)  # bit for bit on the CPU
+    fit(cfg, callbacks=[save], data=tiny)
+    assert torch.load(ckpts[1], weights_only=True)["best"] is None  # still warming up: no candidate yet
+    state = torch.load(ckpts[3], weights_only=True)
+    assert state["best"]["epoch"] == 3 and set(state["best"]["model"]) == set(state["model"])
+    for epoch in (1, 3):  # mid warm-up, and with a best epoch to carry
+        resumed = fit(cfg, data=tiny, resume_from=ckpts[epoch])
+        assert same_history(resumed.history, straight.history[epoch:])
+        assert resumed.kept_epoch == straight.kept_epoch
+        a, b = resumed.model.state_dict(), straight.model.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)  # bit for bit on the CPU
 
 
 def test_a_checkpoint_past_its_patience_resumes_to_the_restore(tiny, tmp_path, monkeypatch):
