@@ -214,3 +214,15 @@ def test_a_run_with_a_nan_metric_is_no_point_of_the_pareto_front():
     run = {"val/clean_acc": 0.9, "val/robust_acc/worst_case": 0.4}
     assert pareto_figure([_group({}, [run, {**run, "val/robust_acc/worst_case": float("nan")}])], ["x"]) == {}
     assert set(pareto_figure([_group({}, [run, {**run, "val/clean_acc": 0.8}])], ["x"])) == {"pareto_front.png"}
+
+
+def test_the_papers_numbers_stand_only_beside_standard_training():
+    from tracking.report import paper_dataset
+
+    standard = [_group({"data.dataset": "mnist5k", "loss.name": name}, []) for name in ("ce", "gce")]
+    assert paper_dataset(standard) == "mnist5k"
+    adversarial = [_group({"data.dataset": "mnist5k", "loss.name": name, "adversarial.name": "pgd"}, [])
+                   for name in ("ce", "gce")]
+    assert paper_dataset(adversarial) is None  # Tables 3/5 are for standard training: no paper column beside AT
+    assert paper_dataset([standard[0], adversarial[1]]) is None
+    assert paper_dataset([*standard, _group({"data.dataset": "cifar10", "loss.name": "ce"}, [])]) is None

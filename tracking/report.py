@@ -23,7 +23,8 @@ from tracking.render import Section, Table, to_html, to_markdown, write
 from tracking.report_figures import OWN
 from tracking.report_sections import answer_section, clean_section, diagnostics_section, full_table_section
 
-__all__ = ["Extra", "Report", "Section", "Table", "build_report", "make_report", "resolve_target", "to_html",
+__all__ = ["Extra", "Report", "Section", "Table", "build_report", "make_report", "paper_dataset", "resolve_target",
+           "to_html",
            "to_markdown", "write_report"]
 
 LOSSES = ("ce", "cot", "gce")  # reading order: the baseline first, as the paper's columns
@@ -123,9 +124,12 @@ def build_report(client, experiment: str, *, sweep_id: str | None = None, split:
     report = Report(f"{experiment}" + (f" — sweep {sweep_id}" if sweep_id else ""), split, groups, labels)
     n = Counter(len(g.runs) for g in groups).most_common(1)[0][0]
     keys = _robust_keys(groups, split)
-    datasets = {g.params.get("data.dataset") for g in groups}
-    dataset = datasets.pop() if len(datasets) == 1 else None
-    report.sections += [_setup(groups, labels, varying, split), answer_section(groups, labels, keys, dataset, split)]
+    dataset = paper_dataset(groups)
+    setup = _setup(groups, labels, varying, split)
+    if any(_adversarial(g) for g in groups):
+        setup.prose.append("The paper's numbers are left out: its Tables 3 and 5 are for standard training, and "
+                           "these runs train adversarially.")
+    report.sections += [setup, answer_section(groups, labels, keys, dataset, split)]
     if extra is not None:
         report.sections += list(extra(report) if callable(extra) else extra)
     report.sections += [clean_section(groups, labels, split, n), diagnostics_section(groups, labels),
@@ -134,6 +138,19 @@ def build_report(client, experiment: str, *, sweep_id: str | None = None, split:
     if clashes := sorted(name for name, count in names.items() if count > 1):
         raise ValueError(f"two sections have a figure named {', '.join(clashes)}")
     return report
+
+
+def paper_dataset(groups: list[Group]) -> str | None:
+    """The dataset whose paper numbers stand beside these runs: their one dataset, when every run trains as the
+    paper's Tables 3/5 did (no adversarial training); None otherwise (no paper columns)."""
+    datasets = {g.params.get("data.dataset") for g in groups}
+    if len(datasets) != 1 or any(_adversarial(g) for g in groups):
+        return None
+    return datasets.pop()
+
+
+def _adversarial(group: Group) -> bool:
+    return group.params.get("adversarial.name") not in (None, "None")
 
 
 def _setup(groups: list[Group], labels: list[str], varying: list[str], split: str) -> Section:
