@@ -163,7 +163,9 @@ def test_a_killed_server_not_yet_reaped_counts_as_dead():
     it must count as dead, or nothing would ever start the server again (found by the fault campaign)."""
     from tracking.server import pid_alive
 
-    shell = subprocess.Popen(["bash", "-c", "sleep 30 & echo $!; exec sleep 10"], stdout=subprocess.PIPE, text=True)
+    # The parent never reaps (a shell could, if it had not yet exec'd when the kill landed: a race seen in CI).
+    parent = "import subprocess, time; print(subprocess.Popen(['sleep', '30']).pid, flush=True); time.sleep(10)"
+    shell = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
     try:
         orphan = int(shell.stdout.readline())
         assert pid_alive(orphan)
