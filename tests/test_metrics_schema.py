@@ -14,6 +14,7 @@ from gce.attacks import AttackConfig
 from sweeps.launcher import run_sweep
 from sweeps.loading import load_spec
 from sweeps.spec import SpecError
+from sweeps.trainable import KEPT_EPOCH_TAG
 from sweeps.validate import expected_metrics
 from tracking.logger import ROLE_TAG, SWEEP_TAG, metric_key
 
@@ -23,6 +24,14 @@ TINY = {"data": {"dataset": "mnist5k", "limit": 256}, "model": {"name": "mlp", "
 EVAL = {"max_examples": 32, "plots": False,
         "attacks": [{"name": "fgsm", "eps": [0.1, 0.3]}, {"name": "pgd", "eps": [0.3], "steps": 2, "loss": "train"},
                     {"name": "pgd", "eps": [1.5], "steps": 2, "norm": "l2"}]}
+
+
+def _trial_run(client: MlflowClient, sweep_id: str):
+    """The one trial run of a one-trial sweep in the experiment "test-schema"."""
+    exp = client.get_experiment_by_name("test-schema")
+    (child,) = client.search_runs([exp.experiment_id],
+                                  f"tags.`{SWEEP_TAG}` = '{sweep_id}' AND tags.`{ROLE_TAG}` = 'trial'")
+    return child
 
 
 def test_keys_round_trip_and_need_no_rewriting_for_mlflow():
@@ -60,9 +69,7 @@ def test_a_real_trial_reports_exactly_what_the_validator_predicts(ray_local, mlf
     assert result.trials == 1 and result.errors == 0
     # What MLflow stores for the trial: every predicted key, nothing unpredicted, each under the same spelling.
     client = MlflowClient(mlflow_server.url)
-    exp = client.get_experiment_by_name("test-schema")
-    (child,) = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{result.sweep_id}' "
-                                                       f"AND tags.`{ROLE_TAG}` = 'trial'")
+    child = _trial_run(client, result.sweep_id)
     stored = set(child.data.metrics)
     assert predicted.exact <= stored, sorted(predicted.exact - stored)
     assert predicted.unexpected(stored) == set()
@@ -113,12 +120,10 @@ def test_an_adversarially_trained_trial_logs_val_adv_acc_each_epoch_and_its_kept
     result = run_sweep(spec, tracking_uri=mlflow_server.url, storage=tmp_path)
     assert result.trials == 1 and result.errors == 0
     client = MlflowClient(mlflow_server.url)
-    exp = client.get_experiment_by_name("test-schema")
-    (child,) = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_TAG}` = '{result.sweep_id}' "
-                                                       f"AND tags.`{ROLE_TAG}` = 'trial'")
+    child = _trial_run(client, result.sweep_id)
     assert predicted.exact <= set(child.data.metrics) and predicted.unexpected(set(child.data.metrics)) == set()
     history = client.get_metric_history(child.info.run_id, metrics.ADV_ACC)
     assert sorted(m.step for m in history) == [1, 2] and all(0 <= m.value <= 1 for m in history)
-    kept = int(child.data.tags["gce.kept_epoch"])  # early stopping on: the evaluated weights' epoch, named
+    kept = int(child.data.tags[KEPT_EPOCH_TAG])  # early stopping on: the evaluated weights' epoch, named
     best = max(history, key=lambda m: (m.value, -m.step))
     assert kept == best.step
